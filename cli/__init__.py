@@ -1,0 +1,1 @@
+"""The ``hpt-dsl`` command line: thin typer commands over the library."""

@@ -1,0 +1,33 @@
+"""``hpt-dsl``: the command-line entry point.
+
+Each command lives in its own module of this package and is a few lines over the
+library. Heavy imports (torch, transformers) happen inside the commands that need
+them, so ``check`` and ``explain`` answer in well under a second.
+
+Exit codes (the same for every command):
+    0  success
+    1  the recipe has errors (diagnostics were printed)
+    2  usage error or bad input: a missing file, an unknown setting, a bad model path
+    3  the run stopped on a fault (e.g. too many non-finite steps); the last good checkpoint is kept
+  130  interrupted (Ctrl-C); a checkpoint was saved first where a run was in progress
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="hpt-dsl",
+    help="Post-train language models with estimators written as one line.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

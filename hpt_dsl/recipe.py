@@ -1,0 +1,206 @@
+"""The checked recipe: what the checker hands to the compiler and the training loop.
+
+Everything here is plain, frozen data with no torch import. The language front end
+(``hpt_dsl.lang``) builds it from text; ``hpt_dsl.estimator.compile`` turns it into a
+loss program; ``hpt_dsl.train`` reads ``needs`` to skip work the recipe does not use.
+
+An estimator is the four parts of the unified policy gradient
+
+    grad = 1_stable * (1 / pi_ref) * A_hat * grad(pi_theta)
+           (mask)     (denom)        (adv)   (grad)
+
+plus how token losses are aggregated (agg), which rows it applies to (on), which rows
+form an advantage group (group), and optional regularizers (kl, entropy).
+
+A loss is a tree over estimators: weighted sums and gates whose conditions and
+coefficients are scalar expressions over per-question statistics and the global step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from hpt_dsl.settings import Settings
+
+
+@dataclass(frozen=True)
+class Call:
+    """A component value: a name and numeric arguments, e.g. ``clip(0.2, 0.28)``."""
+
+    name: str
+    args: tuple[float, ...] = ()
+
+    def __str__(self) -> str:
+        if not self.args:
+            return self.name
+        return f"{self.name}({', '.join(_num(a) for a in self.args)})"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+Denom = Literal["pi_theta", "pi_old", "pi_old_seq", "1"]
+Rows = Literal["rollouts", "demos", "rollouts+demos"]
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """One fully resolved estimator (every component explicit, arguments normalised).
+
+    mask:    none | clip(lo, hi) | dual_clip(lo, hi, c) | cispo(hi) | seq_clip(lo, hi)
+    denom:   pi_theta | pi_old | pi_old_seq | 1
+    adv:     const(c) | reward | group_norm | group_mean | rloo | batch_norm | gae(gamma, lambda)
+    grad:    loglik | shaped(g)
+    agg:     token_mean | seq_mean_token_mean | seq_mean_token_sum | token_sum_norm(L)
+    on:      rollouts | demos | rollouts+demos        (rows whose tokens carry this loss)
+    group:   rollouts | rollouts+demos                (rows pooled for group advantages)
+    kl:      None | k1(coef) | k2(coef) | k3(coef)    (to the frozen reference model)
+    entropy: entropy bonus coefficient (0 = none)
+    """
+
+    mask: Call = Call("none")
+    denom: Denom = "pi_theta"
+    adv: Call = Call("const", (1.0,))
+    grad: Call = Call("loglik")
+    agg: Call = Call("token_mean")
+    on: Rows = "rollouts"
+    group: Rows = "rollouts"
+    kl: Call | None = None
+    entropy: float = 0.0
+    name: str | None = field(default=None, compare=False)
+
+    def components(self) -> str:
+        """The estimator written back in the language (every component)."""
+        parts = [
+            f"mask={self.mask}",
+            f"denom={self.denom}",
+            f"adv={self.adv}",
+            f"grad={self.grad}",
+            f"agg={self.agg}",
+            f"on={self.on}",
+        ]
+        if self.group != "rollouts":
+            parts.append(f"group={self.group}")
+        if self.kl is not None:
+            parts.append(f"kl={self.kl}")
+        if self.entropy:
+            parts.append(f"entropy={_num(self.entropy)}")
+        return " ".join(parts)
+
+
+# ----- scalar expressions (per question, or global) -------------------------------------
+
+STATS = ("acc", "solved", "reward_mean", "reward_std", "n", "step")
+"""acc: pass rate of the question's rollouts; solved: number of correct rollouts;
+reward_mean / reward_std: over its rollouts; n: rollouts per question; step: global step."""
+
+
+@dataclass(frozen=True)
+class Const:
+    value: float
+
+
+@dataclass(frozen=True)
+class Stat:
+    name: str  # one of STATS
+
+
+@dataclass(frozen=True)
+class Arith:
+    op: Literal["+", "-", "*", "/"]
+    left: Scalar
+    right: Scalar
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: Scalar
+
+
+Scalar = Union[Const, Stat, Arith, Neg]
+
+
+@dataclass(frozen=True)
+class Compare:
+    op: Literal["<", "<=", ">", ">=", "==", "!="]
+    left: Scalar
+    right: Scalar
+
+
+@dataclass(frozen=True)
+class BoolOp:
+    op: Literal["and", "or"]
+    items: tuple[Cond, ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: Cond
+
+
+Cond = Union[Compare, BoolOp, Not]
+
+
+# ----- loss expressions --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Term:
+    """One estimator, weight 1."""
+
+    estimator: EstimatorSpec
+
+
+@dataclass(frozen=True)
+class Scale:
+    """coef * loss, coef a scalar expression (may depend on per-question statistics)."""
+
+    coef: Scalar
+    loss: LossExpr
+
+
+@dataclass(frozen=True)
+class Sum:
+    items: tuple[LossExpr, ...]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """if c1 then l1 elif c2 then l2 ... else orelse, decided per question."""
+
+    branches: tuple[tuple[Cond, LossExpr], ...]
+    orelse: LossExpr
+
+
+@dataclass(frozen=True)
+class Zero:
+    """The empty loss (``0`` in a loss position)."""
+
+
+LossExpr = Union[Term, Scale, Sum, Gate, Zero]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a run of this recipe needs; the loop skips everything else."""
+
+    rollouts: bool = False
+    demos: bool = False
+    old_logprobs: bool = False
+    ref_model: bool = False
+    critic: bool = False
+    entropy: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A checked recipe: the loss tree, its named estimators, settings and needs."""
+
+    loss: LossExpr
+    estimators: dict[str, EstimatorSpec]
+    settings: Settings
+    needs: Needs
+    source: str = ""
+    path: str = "<recipe>"

@@ -1,0 +1,128 @@
+"""Run settings: one pydantic model per recipe section.
+
+A recipe may set any of these in a block, e.g. ``rollout { n = 8  temperature = 1.0 }``,
+and the command line may override them with ``--set rollout.n=8``. Every field has a
+default, so a recipe can be a single ``loss = ...`` line.
+
+Unknown keys are rejected (``extra="forbid"``) so that a misspelt knob is an error,
+never a silent no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelSettings(_Section):
+    """[model] which policy to post-train."""
+
+    name: str = Field("tiny", description="'tiny' (built-in), an alias such as 'smollm2-135m', a local path or a hub name")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    system_prompt: str | None = Field(None, description="system message put before every question; None = none")
+    prompt_template: str | None = Field(
+        None, description="raw prompt with a {question} slot, used instead of the chat template"
+    )
+    rope_theta: float | None = Field(None, description="override of the model config's rope_theta")
+    max_position_embeddings: int | None = Field(None, gt=0)
+
+
+class DataSettings(_Section):
+    """[data] questions, demonstrations and answers."""
+
+    train: str = Field("arith", description="'arith' (built-in task) or a JSONL / Parquet file or hub dataset")
+    test: str | None = Field(None, description="held-out set; None = the built-in task's test split")
+    question_key: str | None = None
+    answer_key: str | None = None
+    demo_key: str | None = None
+    max_train: int | None = Field(None, gt=0)
+    max_test: int | None = Field(None, gt=0)
+    reward: str = Field("boxed", description="'boxed', 'math_verify' or a 'module:function' import path")
+    reward_timeout: float = Field(5.0, gt=0)
+
+
+class RolloutSettings(_Section):
+    """[rollout] how the policy samples its own answers."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    n: int = Field(8, ge=1, description="rollouts per question (the group size)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = no top-k filtering")
+    max_new_tokens: int = Field(64, ge=1)
+    old_logprobs: Literal["learner", "engine"] = Field(
+        "learner", description="where pi_old comes from: a learner forward pass, or the engine's own log-probs"
+    )
+    tis_cap: float | None = Field(
+        None, gt=0, description="truncated importance sampling cap C: weight min(pi_learner/pi_engine, C)"
+    )
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
+    sleep_between_steps: bool = True
+
+
+class LearnerSettings(_Section):
+    """[learner] what executes the updates."""
+
+    engine: Literal["torch", "deepspeed"] = "torch"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: int = Field(0, ge=0, le=3)
+    offload: bool = False
+    deepspeed_config: str | None = Field(None, description="JSON file whose keys override the generated config")
+
+
+class CriticSettings(_Section):
+    """[critic] a value model for adv=gae (its presence enables it)."""
+
+    lr: float = Field(1e-3, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    coef: float = Field(0.5, gt=0)
+
+
+class TrainSettings(_Section):
+    """[train] the optimisation loop."""
+
+    steps: int = Field(60, ge=1)
+    questions: int = Field(16, ge=1, description="questions sampled per step")
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout batch per epoch")
+    micro_batch: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    epochs: int = Field(1, ge=1, description="update epochs over each rollout batch")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "warmup", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    eval_every: int = Field(10, ge=0, description="0 = evaluate only at the end")
+    eval_n: int = Field(1, ge=1, description="samples per test question (pass@k / avg@k)")
+    save_every: int = Field(20, ge=0)
+    output_dir: str | None = None
+    max_bad_steps: int = Field(3, ge=1, description="consecutive non-finite steps before the run stops")
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelSettings,
+    "data": DataSettings,
+    "rollout": RolloutSettings,
+    "learner": LearnerSettings,
+    "critic": CriticSettings,
+    "train": TrainSettings,
+}
+
+
+class Settings(BaseModel):
+    """All sections. ``critic`` is None unless the recipe has a ``critic { }`` block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
+    critic: CriticSettings | None = None
+    train: TrainSettings = Field(default_factory=TrainSettings)
