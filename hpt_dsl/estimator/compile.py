@@ -335,22 +335,34 @@ class LossProgram:
         """
         idx = slice(None) if rows is None else rows
         mask = prep.response_mask[idx]
-        if logprobs.shape != mask.shape:
+        width = logprobs.shape[-1]
+        if logprobs.dim() != 2 or logprobs.shape[0] != mask.shape[0] or width > mask.shape[1]:
             raise ValueError(f"logprobs has shape {tuple(logprobs.shape)}; the rows need {tuple(mask.shape)}")
+        if width < mask.shape[1]:
+            if bool(mask[:, width:].any()):
+                raise ValueError(f"logprobs has {width} columns; these rows have response tokens beyond them")
+            mask = mask[:, :width]
         if entropy is None and any(t.spec.entropy for t in self.terms):
             raise ValueError("this estimator has an entropy bonus: pass `entropy` (per-token entropy (b, T))")
         lp = logprobs
         dt = lp.dtype
-        old = _take(prep.old_logprobs, idx, dt)
+
+        def take(x: Tensor) -> Tensor:
+            """rows ``idx`` of a prepared tensor, trimmed to the micro-batch's columns, in lp's dtype."""
+            x = x[idx]
+            return (x[:, :width] if x.dim() == 2 else x).to(dt)
+
+        old = None if prep.old_logprobs is None else take(prep.old_logprobs)
         if old is None and prep.old_is_current:
             old = lp.detach()
-        ref = _take(prep.ref_logprobs, idx, dt)
+        ref = None if prep.ref_logprobs is None else take(prep.ref_logprobs)
         tis = None
         if prep.tis is not None:
             rlp, rmask, cap = prep.tis
-            rl, rm = rlp[idx].to(dt), rmask[idx]
+            rm = rmask[idx][:, :width]
             base = old if old is not None else lp.detach()
-            tis = torch.where(rm, torch.exp(base - rl).clamp(max=cap), 1.0)
+            log_w = torch.where(rm, base - take(rlp), 0.0)
+            tis = torch.where(rm, log_w.exp().clamp(max=cap), 1.0)
         metrics: dict[str, Tensor] = {}
         zero = lp[:, :0].sum()  # 0 with a (zero) gradient path, whatever lp holds
         total = zero
@@ -359,15 +371,15 @@ class LossProgram:
             if not prep.live[k]:
                 metrics[f"loss/{term.name}"] = zero.detach()
                 continue
-            c = prep.coef[k][idx].to(dt)
+            c = take(prep.coef[k])
             if tis is not None:
                 c = c * tis
-            t = TokenInputs(lp, old, mask, prep.adv[k][idx].to(dt))
+            t = TokenInputs(lp, old, mask, take(prep.adv[k]))
             tok_loss, clipped, rho, kl = term.token_loss(t, ref, entropy)
             contrib = (c * tok_loss).sum()
             total = total + contrib
             metrics[f"loss/{term.name}"] = contrib.detach()
-            u = prep.tok[k][idx].to(dt)
+            u = take(prep.tok[k])
             mine: dict[str, Tensor] = {}
             with torch.no_grad():
                 if clipped is not None:
@@ -388,31 +400,27 @@ class LossProgram:
                 metrics[key] = torch.stack(parts).sum()
         for key, share in prep.row_metrics.items():
             metrics[key] = share[idx].sum()
-        if tis is not None and prep.tis is not None:
-            rmask = prep.tis[1]
-            n = rmask.sum().clamp(min=1)
-            rm = rmask[idx]
-            log_w = torch.where(rm, (old if old is not None else lp.detach()) - prep.tis[0][idx].to(dt), 0.0)
-            metrics["tis/trunc_frac"] = (rm & (log_w.exp() > prep.tis[2])).sum() / n
-            metrics["tis/mismatch"] = log_w.abs().sum() / n
+        if prep.tis is not None:
+            n = prep.tis[1].sum().clamp(min=1)
+            metrics["tis/trunc_frac"] = (rm & (log_w.exp() > cap)).sum() / n
+            metrics["tis/mismatch"] = log_w.detach().abs().sum() / n
         value_loss = None
         if values is not None and prep.returns is not None:
-            value_loss = self._value_loss(prep, idx, values)
+            value_loss = self._value_loss(prep, take, values)
             metrics["value_loss"] = value_loss.detach()
         metrics["loss"] = total.detach()
         return LossOutput(loss=total, metrics=metrics, value_loss=value_loss)
 
-    def _value_loss(self, prep: Prepared, idx: slice | Tensor, values: Tensor) -> Tensor:
+    def _value_loss(self, prep: Prepared, take: Callable[[Tensor], Tensor], values: Tensor) -> Tensor:
         """coef * sum_t a_t * 0.5 * max((V - G)^2, (V_old + clip(V - V_old, -eps, eps) - G)^2)  (PPO),
         G the GAE returns, a the token-mean weights over the critic's tokens."""
         critic = self.settings.critic or CriticSettings()
-        dt = values.dtype
-        ret = prep.returns[idx].to(dt)  # type: ignore[index]
-        v_old = prep.old_values[idx].to(dt)  # type: ignore[index]
+        ret = take(prep.returns).to(values.dtype)  # type: ignore[arg-type]
+        v_old = take(prep.old_values).to(values.dtype)  # type: ignore[arg-type]
         eps = critic.value_clip
         v_clip = v_old + (values - v_old).clamp(-eps, eps)
         vf = 0.5 * torch.maximum((values - ret) ** 2, (v_clip - ret) ** 2)
-        return (prep.value_coef[idx].to(dt) * vf).sum()  # type: ignore[index]
+        return (take(prep.value_coef).to(values.dtype) * vf).sum()  # type: ignore[arg-type]
 
     # ----- one shot ----------------------------------------------------------------------
 
