@@ -49,8 +49,9 @@ def _scaled(z: Tensor, temperature: float) -> Tensor:
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool,
-                rows: int) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any, logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool, rows: int
+    ) -> tuple[Tensor, Tensor]:
         B, T, _ = logits.shape
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         lp = torch.empty(B, T, dtype=out_dtype, device=logits.device)
@@ -112,8 +113,10 @@ def token_logprobs(
     chunk: tokens processed at once (default: about 4M logits of work space).
     """
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits (B, T, V) and targets (B, T); got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"expected logits (B, T, V) and targets (B, T); got {tuple(logits.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
     V = logits.shape[-1]

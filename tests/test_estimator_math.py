@@ -26,29 +26,44 @@ PRELUDE: dict[str, EstimatorSpec] = {
     "sft": EstimatorSpec(on="demos"),
     "reinforce": EstimatorSpec(adv=Call("reward")),
     "ppo": EstimatorSpec(mask=Call("clip", (0.2, 0.2)), denom="pi_old", adv=Call("gae", (0.9, 0.8))),
-    "grpo": EstimatorSpec(mask=Call("clip", (0.2, 0.2)), denom="pi_old", adv=Call("group_norm"),
-                          agg=Call("seq_mean_token_mean")),
-    "dr_grpo": EstimatorSpec(mask=Call("clip", (0.2, 0.2)), denom="pi_old", adv=Call("group_mean"),
-                             agg=Call("token_sum_norm", (8.0,))),
+    "grpo": EstimatorSpec(
+        mask=Call("clip", (0.2, 0.2)), denom="pi_old", adv=Call("group_norm"), agg=Call("seq_mean_token_mean")
+    ),
+    "dr_grpo": EstimatorSpec(
+        mask=Call("clip", (0.2, 0.2)),
+        denom="pi_old",
+        adv=Call("group_mean"),
+        agg=Call("token_sum_norm", (8.0,)),
+    ),
     "dapo": EstimatorSpec(mask=Call("clip", (0.2, 0.28)), denom="pi_old", adv=Call("group_norm")),
-    "dual_clip": EstimatorSpec(mask=Call("dual_clip", (0.2, 0.2, 1.5)), denom="pi_old",
-                               adv=Call("group_norm")),
+    "dual_clip": EstimatorSpec(
+        mask=Call("dual_clip", (0.2, 0.2, 1.5)), denom="pi_old", adv=Call("group_norm")
+    ),
     "cispo": EstimatorSpec(mask=Call("cispo", (0.28,)), denom="pi_old", adv=Call("group_norm")),
-    "gspo": EstimatorSpec(mask=Call("seq_clip", (0.05, 0.08)), denom="pi_old_seq", adv=Call("group_norm"),
-                          agg=Call("seq_mean_token_mean")),
+    "gspo": EstimatorSpec(
+        mask=Call("seq_clip", (0.05, 0.08)),
+        denom="pi_old_seq",
+        adv=Call("group_norm"),
+        agg=Call("seq_mean_token_mean"),
+    ),
     "rloo": EstimatorSpec(denom="pi_old", adv=Call("rloo"), agg=Call("seq_mean_token_sum")),
-    "reinforce_pp": EstimatorSpec(mask=Call("clip", (0.2, 0.2)), denom="pi_old", adv=Call("batch_norm"),
-                                  kl=Call("k3", (0.05,))),
+    "reinforce_pp": EstimatorSpec(
+        mask=Call("clip", (0.2, 0.2)), denom="pi_old", adv=Call("batch_norm"), kl=Call("k3", (0.05,))
+    ),
     "srft": EstimatorSpec(denom="1", adv=Call("group_norm"), on="demos", group="rollouts+demos"),
-    "luffy_on": EstimatorSpec(mask=Call("clip", (0.2, 0.2)), denom="pi_old", adv=Call("group_norm"),
-                              group="rollouts+demos"),
-    "luffy_off": EstimatorSpec(denom="1", adv=Call("group_norm"), grad=Call("shaped", (0.1,)), on="demos",
-                               group="rollouts+demos"),
+    "luffy_on": EstimatorSpec(
+        mask=Call("clip", (0.2, 0.2)), denom="pi_old", adv=Call("group_norm"), group="rollouts+demos"
+    ),
+    "luffy_off": EstimatorSpec(
+        denom="1", adv=Call("group_norm"), grad=Call("shaped", (0.1,)), on="demos", group="rollouts+demos"
+    ),
     "kl_k1": EstimatorSpec(adv=Call("reward"), kl=Call("k1", (0.3,))),
-    "kl_k2": EstimatorSpec(denom="pi_old", adv=Call("group_norm"), kl=Call("k2", (0.3,)),
-                           agg=Call("seq_mean_token_mean")),
-    "seq_clip_pi_old": EstimatorSpec(mask=Call("seq_clip", (0.1, 0.1)), denom="pi_old",
-                                     adv=Call("group_norm")),
+    "kl_k2": EstimatorSpec(
+        denom="pi_old", adv=Call("group_norm"), kl=Call("k2", (0.3,)), agg=Call("seq_mean_token_mean")
+    ),
+    "seq_clip_pi_old": EstimatorSpec(
+        mask=Call("seq_clip", (0.1, 0.1)), denom="pi_old", adv=Call("group_norm")
+    ),
 }
 PRELUDE = {k: replace(v, name=k) for k, v in PRELUDE.items()}
 
@@ -80,8 +95,14 @@ def make_batch(seed: int, questions: int = 3, n: int = 4, demos: bool = True, T:
     old = torch.where(mask, old, torch.tensor(float("nan"), dtype=torch.float64))
     ref = torch.where(mask, ref, torch.tensor(float("inf"), dtype=torch.float64))
     return dict(
-        lp=lp, old=old, ref=ref, values=values, mask=mask, lengths=lengths.tolist(),
-        group_ids=torch.tensor(gid), is_demo=torch.tensor(demo),
+        lp=lp,
+        old=old,
+        ref=ref,
+        values=values,
+        mask=mask,
+        lengths=lengths.tolist(),
+        group_ids=torch.tensor(gid),
+        is_demo=torch.tensor(demo),
         rewards=torch.tensor(rewards, dtype=torch.float64),
     )
 
@@ -225,11 +246,22 @@ def ref_grad(spec: EstimatorSpec, b: dict, weights: list[float] | None = None) -
 
 
 def run(spec_or_loss, b: dict, settings: Settings | None = None):
-    prog = compile_spec(spec_or_loss, settings) if isinstance(spec_or_loss, EstimatorSpec) else compile_loss(
-        spec_or_loss, settings)
+    prog = (
+        compile_spec(spec_or_loss, settings)
+        if isinstance(spec_or_loss, EstimatorSpec)
+        else compile_loss(spec_or_loss, settings)
+    )
     lp = b["lp"].clone().requires_grad_()
-    out = prog(logprobs=lp, old_logprobs=b["old"], ref_logprobs=b["ref"], rewards=b["rewards"],
-               group_ids=b["group_ids"], is_demo=b["is_demo"], response_mask=b["mask"], values=b["values"])
+    out = prog(
+        logprobs=lp,
+        old_logprobs=b["old"],
+        ref_logprobs=b["ref"],
+        rewards=b["rewards"],
+        group_ids=b["group_ids"],
+        is_demo=b["is_demo"],
+        response_mask=b["mask"],
+        values=b["values"],
+    )
     out.loss.backward()
     return out, lp.grad
 
@@ -268,8 +300,15 @@ def test_gradient_wrt_logits_through_the_kernel(name: str) -> None:
     noise = 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
     b["old"] = torch.where(b["mask"], lp.detach() + noise, 0.0)
     prog = compile_spec(spec)
-    out = prog(logprobs=lp, old_logprobs=b["old"], ref_logprobs=b["ref"], rewards=b["rewards"],
-               group_ids=b["group_ids"], is_demo=b["is_demo"], response_mask=b["mask"])
+    out = prog(
+        logprobs=lp,
+        old_logprobs=b["old"],
+        ref_logprobs=b["ref"],
+        rewards=b["rewards"],
+        group_ids=b["group_ids"],
+        is_demo=b["is_demo"],
+        response_mask=b["mask"],
+    )
     out.loss.backward()
     g = ref_grad(spec, b)
     p = torch.softmax(logits.detach(), dim=-1)
@@ -287,8 +326,9 @@ def test_hpt_gate_gradient() -> None:
     for seed in range(4):
         b = make_batch(seed, questions=4)
         R, gid, demo = b["rewards"].tolist(), b["group_ids"].tolist(), b["is_demo"].tolist()
-        acc = {q: statistics.mean([R[j] for j in range(len(R)) if gid[j] == q and not demo[j]])
-               for q in set(gid)}
+        acc = {
+            q: statistics.mean([R[j] for j in range(len(R)) if gid[j] == q and not demo[j]]) for q in set(gid)
+        }
         to_sft = [1.0 if acc[q] <= 0.25 else 0.0 for q in gid]
         expected = ref_grad(sft, b, to_sft) + ref_grad(grpo, b, [1.0 - w for w in to_sft])
         out, grad = run(loss, b)
@@ -307,8 +347,7 @@ def test_soft_gate_gradient() -> None:
     loss = Sum((Scale(Stat("acc"), Term(grpo)), Scale(Arith("-", Const(1.0), Stat("acc")), Term(sft))))
     b = make_batch(7, questions=4)
     R, gid, demo = b["rewards"].tolist(), b["group_ids"].tolist(), b["is_demo"].tolist()
-    acc = {q: statistics.mean([R[j] for j in range(len(R)) if gid[j] == q and not demo[j]])
-           for q in set(gid)}
+    acc = {q: statistics.mean([R[j] for j in range(len(R)) if gid[j] == q and not demo[j]]) for q in set(gid)}
     w = [acc[q] for q in gid]
     expected = ref_grad(grpo, b, w) + ref_grad(sft, b, [1 - x for x in w])
     _, grad = run(loss, b)

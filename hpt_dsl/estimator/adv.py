@@ -123,8 +123,9 @@ def token_rewards(rewards: Tensor, response_mask: Tensor) -> Tensor:
     return r
 
 
-def gae_returns(rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
-                ) -> tuple[Tensor, Tensor]:
+def gae_returns(
+    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over response tokens (padding is skipped):
 
         delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = delta_t + gamma * lam * A_{t+1},

@@ -1,9 +1,9 @@
 """``compile_estimator``: the one public entry point of the compiler.
 
-    from hpt_dsl import compile_estimator
-    est = compile_estimator("mask=clip(0.2) denom=pi_old adv=group_norm grad=loglik agg=token_mean")
-    out = est(logprobs=..., old_logprobs=..., rewards=..., group_ids=..., response_mask=...)
-    out.loss.backward(); out.metrics
+from hpt_dsl import compile_estimator
+est = compile_estimator("mask=clip(0.2) denom=pi_old adv=group_norm grad=loglik agg=token_mean")
+out = est(logprobs=..., old_logprobs=..., rewards=..., group_ids=..., response_mask=...)
+out.loss.backward(); out.metrics
 """
 
 from __future__ import annotations

@@ -119,8 +119,14 @@ Rows = Tensor | slice | None
 class LossProgram:
     """A compiled recipe: ``prepare`` once per optimizer mini-batch, ``loss`` per micro-batch."""
 
-    def __init__(self, terms: list[CompiledTerm], branches: list[Branch], settings: Settings, needs: Needs,
-                 stats_used: set[str]) -> None:
+    def __init__(
+        self,
+        terms: list[CompiledTerm],
+        branches: list[Branch],
+        settings: Settings,
+        needs: Needs,
+        stats_used: set[str],
+    ) -> None:
         self.terms = terms
         self.branches = branches
         self.settings = settings
@@ -182,17 +188,42 @@ class LossProgram:
         need = self.required_inputs()
         if old_is_current:
             need.pop("old_logprobs", None)
-        given = dict(rewards=rewards, group_ids=group_ids, is_demo=is_demo, old_logprobs=old_logprobs,
-                     ref_logprobs=ref_logprobs, values=values)
+        given = dict(
+            rewards=rewards,
+            group_ids=group_ids,
+            is_demo=is_demo,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+        )
         self._missing(given, need)
         with torch.no_grad():
-            return self._prepare(response_mask, rewards, group_ids, is_demo, old_logprobs, ref_logprobs,
-                                 values, rollout_logprobs, step, old_is_current)
+            return self._prepare(
+                response_mask,
+                rewards,
+                group_ids,
+                is_demo,
+                old_logprobs,
+                ref_logprobs,
+                values,
+                rollout_logprobs,
+                step,
+                old_is_current,
+            )
 
-    def _prepare(self, response_mask: Tensor, rewards: Tensor | None, group_ids: Tensor | None,
-                 is_demo: Tensor | None, old_logprobs: Tensor | None, ref_logprobs: Tensor | None,
-                 values: Tensor | None, rollout_logprobs: Tensor | None, step: int,
-                 old_is_current: bool) -> Prepared:
+    def _prepare(
+        self,
+        response_mask: Tensor,
+        rewards: Tensor | None,
+        group_ids: Tensor | None,
+        is_demo: Tensor | None,
+        old_logprobs: Tensor | None,
+        ref_logprobs: Tensor | None,
+        values: Tensor | None,
+        rollout_logprobs: Tensor | None,
+        step: int,
+        old_is_current: bool,
+    ) -> Prepared:
         if response_mask.dim() != 2:
             raise ValueError(f"response_mask must have shape (B, T); got {tuple(response_mask.shape)}")
         B, T = response_mask.shape
@@ -200,11 +231,18 @@ class LossProgram:
         _shape("rewards", rewards, (B,))
         _shape("group_ids", group_ids, (B,))
         _shape("is_demo", is_demo, (B,))
-        for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("values", values),
-                        ("rollout_logprobs", rollout_logprobs)):
+        for name, x in (
+            ("old_logprobs", old_logprobs),
+            ("ref_logprobs", ref_logprobs),
+            ("values", values),
+            ("rollout_logprobs", rollout_logprobs),
+        ):
             _shape(name, x, (B, T))
-        floats = [x for x in (old_logprobs, ref_logprobs, values, rollout_logprobs, rewards)
-                  if x is not None and x.is_floating_point()]
+        floats = [
+            x
+            for x in (old_logprobs, ref_logprobs, values, rollout_logprobs, rewards)
+            if x is not None and x.is_floating_point()
+        ]
         dtype = torch.float64 if any(x.dtype == torch.float64 for x in floats) else torch.float32
         mask = response_mask.to(device=device) != 0
         mf = mask.to(dtype)
@@ -216,8 +254,11 @@ class LossProgram:
         else:
             uniq, group = torch.unique(group_ids.to(device), return_inverse=True)
             n_groups = int(uniq.numel())
-        R = rewards.to(device=device, dtype=dtype) if rewards is not None else torch.zeros(B, dtype=dtype,
-                                                                                             device=device)
+        R = (
+            rewards.to(device=device, dtype=dtype)
+            if rewards is not None
+            else torch.zeros(B, dtype=dtype, device=device)
+        )
         old = _clean(old_logprobs, mask, dtype)
         ref = _clean(ref_logprobs, mask, dtype)
         vals = _clean(values, mask, dtype)
@@ -290,14 +331,28 @@ class LossProgram:
 
         shares = self._shares(n_tok)
         if "adv_mean" in shares:
-            parts = [s * row_metrics[f"adv_mean/{t.name}"]
-                     for s, t in zip(shares["adv_mean"], self.terms, strict=True)]
+            parts = [
+                s * row_metrics[f"adv_mean/{t.name}"]
+                for s, t in zip(shares["adv_mean"], self.terms, strict=True)
+            ]
             row_metrics["adv_mean"] = torch.stack(parts).sum(dim=0)
         return Prepared(
-            response_mask=mask, coef=coef, adv=advs, tok=toks, live=live, shares=shares,
+            response_mask=mask,
+            coef=coef,
+            adv=advs,
+            tok=toks,
+            live=live,
+            shares=shares,
             row_metrics=row_metrics,
-            old_logprobs=old, ref_logprobs=ref, old_is_current=old_is_current, returns=returns,
-            old_values=old_values, value_coef=value_coef, tis=tis_live, stats=stats, weights=weights,
+            old_logprobs=old,
+            ref_logprobs=ref,
+            old_is_current=old_is_current,
+            returns=returns,
+            old_values=old_values,
+            value_coef=value_coef,
+            tis=tis_live,
+            stats=stats,
+            weights=weights,
         )
 
     @staticmethod
@@ -319,14 +374,22 @@ class LossProgram:
         for name, flags in defines.items():
             total = sum(n for n, f in zip(n_tok, flags, strict=True) if f)
             if any(flags):
-                out[name] = [(n / total if total else 0.0) if f else 0.0
-                             for n, f in zip(n_tok, flags, strict=True)]
+                out[name] = [
+                    (n / total if total else 0.0) if f else 0.0 for n, f in zip(n_tok, flags, strict=True)
+                ]
         return out
 
     # ----- one micro-batch ---------------------------------------------------------------
 
-    def loss(self, prep: Prepared, *, logprobs: Tensor, rows: Rows = None, entropy: Tensor | None = None,
-             values: Tensor | None = None) -> LossOutput:
+    def loss(
+        self,
+        prep: Prepared,
+        *,
+        logprobs: Tensor,
+        rows: Rows = None,
+        entropy: Tensor | None = None,
+        values: Tensor | None = None,
+    ) -> LossOutput:
         """The loss of the rows ``rows`` of the prepared mini-batch (all rows when None).
 
         logprobs: (b, T) log pi_theta of the taken tokens of these rows, with gradient;
@@ -394,8 +457,11 @@ class LossProgram:
             for key, v in mine.items():
                 metrics[f"{key}/{term.name}"] = v
         for key, shares in prep.shares.items():
-            parts = [s * per_term[t.name][key] for s, t in zip(shares, self.terms, strict=True)
-                     if s and key in per_term.get(t.name, {})]
+            parts = [
+                s * per_term[t.name][key]
+                for s, t in zip(shares, self.terms, strict=True)
+                if s and key in per_term.get(t.name, {})
+            ]
             if parts:
                 metrics[key] = torch.stack(parts).sum()
         for key, share in prep.row_metrics.items():
@@ -441,9 +507,15 @@ class LossProgram:
     ) -> LossOutput:
         """prepare + loss over the whole batch in one call (``values`` serve as the old values too)."""
         prep = self.prepare(
-            response_mask=response_mask, rewards=rewards, group_ids=group_ids, is_demo=is_demo,
-            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-            values=None if values is None else values.detach(), rollout_logprobs=rollout_logprobs, step=step,
+            response_mask=response_mask,
+            rewards=rewards,
+            group_ids=group_ids,
+            is_demo=is_demo,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            values=None if values is None else values.detach(),
+            rollout_logprobs=rollout_logprobs,
+            step=step,
         )
         return self.loss(prep, logprobs=logprobs, entropy=entropy, values=values)
 
@@ -499,8 +571,10 @@ def _stats_used(loss: LossExpr) -> set[str]:
 
 def _check_spec(spec: EstimatorSpec, name: str) -> None:
     if spec.grad.name == "shaped" and spec.denom == "pi_theta":
-        raise ValueError(f"estimator {name}: grad=shaped applies to a ratio or pi_theta; use denom=pi_old, "
-                         f"pi_old_seq or 1 (with denom=pi_theta there is nothing to shape)")
+        raise ValueError(
+            f"estimator {name}: grad=shaped applies to a ratio or pi_theta; use denom=pi_old, "
+            f"pi_old_seq or 1 (with denom=pi_theta there is nothing to shape)"
+        )
     if spec.grad.name == "shaped" and spec.mask.name == "cispo":
         raise ValueError(f"estimator {name}: mask=cispo sets its own likelihood term; use grad=loglik")
 
@@ -529,15 +603,19 @@ def compile_loss(loss: LossExpr, settings: Settings | None = None, needs: Needs 
             name = f"{name}#{k}"
         seen.add(name)
         _check_spec(spec, name)
-        terms.append(CompiledTerm(
-            name=name, spec=spec, weight=weight,
-            denom=lookup("denom", spec.denom),
-            mask=lookup("mask", spec.mask.name),
-            shape=lookup("grad", spec.grad.name)(*spec.grad.args),
-            adv=lookup("adv", spec.adv.name),
-            agg=lookup("agg", spec.agg.name),
-            kl=lookup("kl", spec.kl.name) if spec.kl is not None else None,
-        ))
+        terms.append(
+            CompiledTerm(
+                name=name,
+                spec=spec,
+                weight=weight,
+                denom=lookup("denom", spec.denom),
+                mask=lookup("mask", spec.mask.name),
+                shape=lookup("grad", spec.grad.name)(*spec.grad.args),
+                adv=lookup("adv", spec.adv.name),
+                agg=lookup("agg", spec.agg.name),
+                kl=lookup("kl", spec.kl.name) if spec.kl is not None else None,
+            )
+        )
     if needs is None:
         needs = derive_needs([t.spec for t in terms])
     return LossProgram(terms, branches, settings, needs, _stats_used(loss))
@@ -554,6 +632,12 @@ def compile_spec(spec: EstimatorSpec, settings: Settings | None = None) -> LossP
 
 
 __all__ = [
-    "CompiledTerm", "LossOutput", "LossProgram", "Prepared", "compile_loss", "compile_recipe", "compile_spec",
+    "CompiledTerm",
+    "LossOutput",
+    "LossProgram",
+    "Prepared",
+    "compile_loss",
+    "compile_recipe",
+    "compile_spec",
     "derive_needs",
 ]

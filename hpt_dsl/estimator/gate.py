@@ -62,7 +62,12 @@ def scalar(e: Scalar, stats: Stats) -> Tensor:
 
 
 _CMP = {
-    "<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne,
+    "<": torch.lt,
+    "<=": torch.le,
+    ">": torch.gt,
+    ">=": torch.ge,
+    "==": torch.eq,
+    "!=": torch.ne,
 }
 
 
