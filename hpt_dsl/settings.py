@@ -63,6 +63,9 @@ class RolloutSettings(_Section):
     )
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
     sleep_between_steps: bool = True
+    max_model_len: int | None = Field(
+        None, gt=0, description="vLLM: longest prompt + response it holds; None = the model's maximum"
+    )
 
 
 class LearnerSettings(_Section):
