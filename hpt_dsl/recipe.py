@@ -19,7 +19,7 @@ coefficients are scalar expressions over per-question statistics and the global 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, Literal
 
 from hpt_dsl.settings import Settings
 
@@ -119,7 +119,7 @@ class Neg:
     operand: Scalar
 
 
-Scalar = Union[Const, Stat, Arith, Neg]
+Scalar = Const | Stat | Arith | Neg
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class Not:
     operand: Cond
 
 
-Cond = Union[Compare, BoolOp, Not]
+Cond = Compare | BoolOp | Not
 
 
 # ----- loss expressions --------------------------------------------------------------------
@@ -179,7 +179,7 @@ class Zero:
     """The empty loss (``0`` in a loss position)."""
 
 
-LossExpr = Union[Term, Scale, Sum, Gate, Zero]
+LossExpr = Term | Scale | Sum | Gate | Zero
 
 
 @dataclass(frozen=True)
@@ -204,3 +204,5 @@ class Recipe:
     needs: Needs
     source: str = ""
     path: str = "<recipe>"
+    warnings: tuple[Any, ...] = field(default=(), compare=False)
+    """Warnings found by the checker (``hpt_dsl.lang.Diagnostic``); a recipe with errors is never built."""
