@@ -140,8 +140,8 @@ def test_micro_batches_trimmed_to_their_longest_response() -> None:
         width = max(1, int(b["response_mask"][rows].sum(1).max()))
         out = prog.loss(prep, logprobs=lp[rows, :width], rows=rows, entropy=b["entropy"][rows, :width])
         out.loss.backward()
-        total += float(out.loss)
-    assert total == pytest.approx(float(full.loss), abs=1e-12)
+        total += out.loss.item()
+    assert total == pytest.approx(full.loss.item(), abs=1e-12)
     torch.testing.assert_close(lp.grad, g_full, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="beyond"):
         prog.loss(prep, logprobs=lp[:, :1], entropy=b["entropy"][:, :1])
