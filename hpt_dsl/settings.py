@@ -44,6 +44,9 @@ class DataSettings(_Section):
     max_test: int | None = Field(None, gt=0)
     reward: str = Field("boxed", description="'boxed', 'math_verify' or a 'module:function' import path")
     reward_timeout: float = Field(5.0, gt=0)
+    reward_workers: int | None = Field(
+        None, ge=0, description="processes scoring rewards; None = min(4, cpus) for math_verify, else in-process"
+    )
 
 
 class RolloutSettings(_Section):
