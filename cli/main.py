@@ -25,6 +25,13 @@ app = typer.Typer(
 )
 
 
+from hpt_dsl.cli.check import check_command  # noqa: E402
+from hpt_dsl.cli.explain import explain_command  # noqa: E402
+
+app.command("check")(check_command)
+app.command("explain")(explain_command)
+
+
 def main() -> None:
     app()
 

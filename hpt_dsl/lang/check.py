@@ -251,7 +251,11 @@ class Checker:
         b = self.scope.get(name)
         if b is not None:
             v = b.value
-            return EstV(v.parts, v.name, node.pos) if isinstance(v, EstV) else v
+            if isinstance(v, EstV):
+                return EstV(v.parts, v.name, node.pos)
+            if isinstance(v, LossV) and b.pos.src == PRELUDE and self.settings is not None:
+                return LossV(self._recheck(v.loss, node.pos))
+            return v
         if name in STATS:
             return Scal(Stat(name))
         if name in self.pending:
@@ -603,12 +607,26 @@ class Checker:
         """The estimator with every component explicit, after the multi-component rules."""
         values = {k: val for k, (val, _) in est.parts.items()}
         agg = values.get("agg")
-        if isinstance(agg, Call) and agg.name == "token_sum_norm" and not agg.args:
-            length = float(self.settings.rollout.max_new_tokens) if self.settings else 0.0
-            values["agg"] = Call("token_sum_norm", (length,))
+        if isinstance(agg, Call) and agg.name == "token_sum_norm" and not agg.args and self.settings:
+            values["agg"] = Call("token_sum_norm", (float(self.settings.rollout.max_new_tokens),))
         spec = EstimatorSpec(**values, name=est.name)  # type: ignore[arg-type]
         rules.check_estimator(self, est, spec)
         return Term(spec)
+
+    def _recheck(self, loss: LossExpr, site: ast.Pos) -> LossExpr:
+        """A prelude loss (checked without settings) checked again against this run's settings."""
+        if isinstance(loss, Term):
+            spec = loss.estimator
+            parts = {k: (getattr(spec, k), site) for k in KEYS}
+            return self.term(EstV(parts, spec.name, site))
+        if isinstance(loss, Scale):
+            return Scale(loss.coef, self._recheck(loss.loss, site))
+        if isinstance(loss, Sum):
+            return Sum(tuple(self._recheck(i, site) for i in loss.items))
+        if isinstance(loss, Gate):
+            branches = tuple((c, self._recheck(b, site)) for c, b in loss.branches)
+            return Gate(branches, self._recheck(loss.orelse, site))
+        return loss
 
     def where(self, est: EstV, *keys: str) -> ast.Pos:
         """The best place to point at: the first of ``keys`` written in the user's file."""

@@ -16,6 +16,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hpt_dsl.recipe import Call
+
 Check = Callable[[tuple[float, ...]], "tuple[int, str] | None"]
 """Range check on the arguments: None if fine, else (index of the bad argument, what is allowed)."""
 
@@ -264,4 +266,18 @@ KIND_NAME: dict[str, str] = {
 }
 
 CLIP_MASKS = ("clip", "dual_clip", "cispo", "seq_clip")
+
+
+def show(value: object) -> str:
+    """A component value as a user would write it: ``clip(0.2)`` rather than the
+    normalised ``clip(0.2, 0.2)``."""
+    if isinstance(value, Call):
+        args = value.args
+        if value.name in ("clip", "seq_clip") and len(args) == 2 and args[0] == args[1]:
+            return str(Call(value.name, args[:1]))
+        if value.name == "dual_clip" and len(args) == 3 and args[0] == args[1]:
+            return str(Call(value.name, (args[0], args[2])))
+    return "none" if value is None else str(value)
+
+
 GROUP_ADVANTAGES = ("group_norm", "group_mean", "rloo")

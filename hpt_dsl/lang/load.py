@@ -17,7 +17,7 @@ from functools import lru_cache
 from importlib import resources
 
 from hpt_dsl.lang import rules, settings_map
-from hpt_dsl.lang.check import PRELUDE, Binding, Checker
+from hpt_dsl.lang.check import PRELUDE, Binding, Checker, EstV, LossV
 from hpt_dsl.lang.diagnostics import Diagnostic, RecipeError, Sink
 from hpt_dsl.lang.parse import parse
 from hpt_dsl.recipe import EstimatorSpec, Gate, LossExpr, Recipe, Scale, Sum, Term
@@ -219,17 +219,22 @@ def prelude_text() -> str:
 
 def prelude_estimators(settings: Settings | None = None) -> dict[str, LossExpr]:
     """Each prelude name bound to an estimator or a loss, as checked loss trees."""
-    sink = Sink(PRELUDE, prelude_text())
-    ck = Checker(sink, prelude_scope(), settings or Settings())
-    out: dict[str, LossExpr] = {}
-    for name, b in prelude_scope().items():
-        from hpt_dsl.lang.check import EstV, LossV
+    length = (settings or Settings()).rollout.max_new_tokens
+    return dict(_prelude_terms(length))
 
+
+@lru_cache(maxsize=8)
+def _prelude_terms(max_new_tokens: int) -> tuple[tuple[str, LossExpr], ...]:
+    settings = Settings()
+    settings.rollout.max_new_tokens = max_new_tokens
+    ck = Checker(Sink(PRELUDE, prelude_text()), prelude_scope(), settings)
+    out: list[tuple[str, LossExpr]] = []
+    for name, b in prelude_scope().items():
         if isinstance(b.value, EstV):
-            out[name] = ck.term(b.value)
+            out.append((name, ck.term(b.value)))
         elif isinstance(b.value, LossV):
-            out[name] = b.value.loss
-    return out
+            out.append((name, b.value.loss))
+    return tuple(out)
 
 
 # ----- naming -----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from hpt_dsl.lang import reach
-from hpt_dsl.lang.components import CLIP_MASKS, GROUP_ADVANTAGES
+from hpt_dsl.lang.components import CLIP_MASKS, GROUP_ADVANTAGES, show
 from hpt_dsl.recipe import (
     Arith,
     BoolOp,
@@ -61,35 +61,35 @@ def check_estimator(ck: Checker, est: EstV, s: EstimatorSpec) -> None:
     if s.mask.name == "cispo" and s.denom != "pi_old":
         sink.error(
             "E024",
-            f"mask={s.mask} weighs log π_θ by the clipped ratio π_θ/π_old; it needs denom=pi_old",
+            f"mask={show(s.mask)} weighs log π_θ by the clipped ratio π_θ/π_old; it needs denom=pi_old",
             ck.where(est, "denom", "mask"),
             hint="write denom=pi_old",
         )
     if s.mask.name == "seq_clip" and s.denom != "pi_old_seq":
         sink.error(
             "E024",
-            f"mask={s.mask} clips GSPO's sequence ratio; it needs denom=pi_old_seq",
+            f"mask={show(s.mask)} clips GSPO's sequence ratio; it needs denom=pi_old_seq",
             ck.where(est, "denom", "mask"),
             hint="write denom=pi_old_seq, or use mask=clip(...) for a per-token clip",
         )
     if s.mask.name in ("clip", "dual_clip") and s.denom == "pi_theta":
         sink.warning(
             "W031",
-            f"mask={s.mask} with denom=pi_theta does nothing: the ratio π_θ/π_θ is identically 1",
+            f"mask={show(s.mask)} with denom=pi_theta does nothing: the ratio π_θ/π_θ is identically 1",
             ck.where(est, "mask", "denom"),
             hint="use denom=pi_old to clip the importance ratio, or mask=none",
         )
     if s.adv.name in GROUP_ADVANTAGES and on_demos and s.group == "rollouts":
         sink.error(
             "E024",
-            f"adv={s.adv} on demonstrations, but group=rollouts leaves them out of every group",
+            f"adv={show(s.adv)} on demonstrations, but group=rollouts leaves them out of every group",
             ck.where(est, "group", "on", "adv"),
             hint="write group=rollouts+demos",
         )
     if s.grad.name == "shaped" and s.denom == "pi_theta":
         sink.warning(
             "W032",
-            f"grad={s.grad} has no effect with denom=pi_theta: the shaped ratio is constant, "
+            f"grad={show(s.grad)} has no effect with denom=pi_theta: the shaped ratio is constant, "
             "so it only rescales the gradient",
             ck.where(est, "grad", "denom"),
             hint="shaping acts on π_θ/π_ref: use denom=1 (as LUFFY) or denom=pi_old",
@@ -97,7 +97,7 @@ def check_estimator(ck: Checker, est: EstV, s: EstimatorSpec) -> None:
     if s.kl is not None and s.kl.args and s.kl.args[0] == 0:
         sink.warning(
             "W032",
-            f"kl={s.kl} has no effect (its coefficient is 0)",
+            f"kl={show(s.kl)} has no effect (its coefficient is 0)",
             ck.where(est, "kl"),
             hint="remove it, or write kl=none",
         )
@@ -110,7 +110,8 @@ def _check_with_settings(ck: Checker, est: EstV, s: EstimatorSpec, st: Settings)
     if s.adv.name in GROUP_ADVANTAGES and st.rollout.n == 1 and s.group == "rollouts":
         sink.error(
             "E021",
-            f"adv={s.adv} with rollout.n = 1: every group holds one rollout, so the advantage is always 0",
+            f"adv={show(s.adv)} with rollout.n = 1: every group holds one rollout, "
+            "so the advantage is always 0",
             ck.where(est, "adv"),
             hint="sample several rollouts per question, e.g. `rollout { n = 8 }`, "
             "or use adv=reward or adv=batch_norm",
@@ -118,7 +119,7 @@ def _check_with_settings(ck: Checker, est: EstV, s: EstimatorSpec, st: Settings)
     if s.adv.name == "gae" and st.critic is None:
         sink.error(
             "E022",
-            f"adv={s.adv} needs a critic (value model), and this recipe has none",
+            f"adv={show(s.adv)} needs a critic (value model), and this recipe has none",
             ck.where(est, "adv"),
             hint="add the line `critic { lr = 1e-3 }`",
         )
@@ -128,7 +129,8 @@ def _check_with_settings(ck: Checker, est: EstV, s: EstimatorSpec, st: Settings)
     if s.mask.name in CLIP_MASKS and s.denom in OLD_DENOMS and single_update:
         sink.warning(
             "W032",
-            f"mask={s.mask} has no effect in this run: with one epoch and one mini-batch per rollout batch "
+            f"mask={show(s.mask)} has no effect in this run: with one epoch and one mini-batch "
+            "per rollout batch "
             "and learner log-probs, π_old equals π_θ at the update, so the ratio is always 1",
             ck.where(est, "mask"),
             hint="take several optimizer steps per rollout batch "
