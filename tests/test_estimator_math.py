@@ -1,6 +1,7 @@
 """The compiled loss is the math: autograd gradients equal the closed-form unified policy
 gradient  1_stable * (pi_theta / pi_ref) * A_hat  (per log-prob, i.e. (1/pi_ref) * A_hat * grad pi_theta)
-times the aggregation weight, for every stock estimator, in float64.
+times the aggregation weight, in float64: for every stock estimator of the language's
+prelude, and for component variants the prelude does not use (dual clip, KL estimators, ...).
 
 The closed forms below are written with plain Python loops over rows and the standard
 library's statistics, independently of the vectorised implementation.
@@ -15,14 +16,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hpt_dsl.estimator import compile_loss, compile_spec
+from hpt_dsl import load_recipe
+from hpt_dsl.estimator import LossProgram, compile_loss, compile_recipe, compile_spec
 from hpt_dsl.logprob import token_logprobs
-from hpt_dsl.recipe import Call, Compare, Const, EstimatorSpec, Gate, Stat, Term
+from hpt_dsl.recipe import Call, Compare, Const, EstimatorSpec, Gate, LossExpr, Stat, Sum, Term
 from hpt_dsl.settings import CriticSettings, Settings
 
 EPS = 1e-6
 
-PRELUDE: dict[str, EstimatorSpec] = {
+VARIANTS: dict[str, EstimatorSpec] = {
     "sft": EstimatorSpec(on="demos"),
     "reinforce": EstimatorSpec(adv=Call("reward")),
     "ppo": EstimatorSpec(mask=Call("clip", (0.2, 0.2)), denom="pi_old", adv=Call("gae", (0.9, 0.8))),
@@ -65,10 +67,30 @@ PRELUDE: dict[str, EstimatorSpec] = {
         mask=Call("seq_clip", (0.1, 0.1)), denom="pi_old", adv=Call("group_norm")
     ),
 }
-PRELUDE = {k: replace(v, name=k) for k, v in PRELUDE.items()}
+VARIANTS = {k: replace(v, name=k) for k, v in VARIANTS.items()}
+
+STOCK = [
+    "sft",
+    "reinforce",
+    "ppo",
+    "grpo",
+    "dr_grpo",
+    "dapo",
+    "cispo",
+    "gspo",
+    "rloo",
+    "reinforce_pp",
+    "srft",
+    "luffy",
+    "luffy_on",
+    "luffy_off",
+]
+"""every estimator of the language's prelude"""
 
 
-def make_batch(seed: int, questions: int = 3, n: int = 4, demos: bool = True, T: int = 6) -> dict:
+def make_batch(
+    seed: int, questions: int = 3, n: int = 4, demos: bool = True, T: int = 6, noise: float = 0.35
+) -> dict:
     """A mini-batch: n rollouts + (optionally) one demonstration per question, random lengths
     (one zero-length row), 0/1 rewards, log-probs that move enough for clipping to happen."""
     g = torch.Generator().manual_seed(seed)
@@ -87,7 +109,7 @@ def make_batch(seed: int, questions: int = 3, n: int = 4, demos: bool = True, T:
     lengths[1] = 0
     mask = torch.arange(T)[None, :] < lengths[:, None]
     old = -2.5 * torch.rand(B, T, generator=g, dtype=torch.float64) - 0.05
-    lp = old + 0.35 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    lp = old + noise * torch.randn(B, T, generator=g, dtype=torch.float64)
     lp = lp.clamp(max=-1e-3)
     ref = old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
     values = torch.randn(B, T, generator=g, dtype=torch.float64)
@@ -246,11 +268,12 @@ def ref_grad(spec: EstimatorSpec, b: dict, weights: list[float] | None = None) -
 
 
 def run(spec_or_loss, b: dict, settings: Settings | None = None):
-    prog = (
-        compile_spec(spec_or_loss, settings)
-        if isinstance(spec_or_loss, EstimatorSpec)
-        else compile_loss(spec_or_loss, settings)
-    )
+    if isinstance(spec_or_loss, LossProgram):
+        prog = spec_or_loss
+    elif isinstance(spec_or_loss, EstimatorSpec):
+        prog = compile_spec(spec_or_loss, settings)
+    else:
+        prog = compile_loss(spec_or_loss, settings)
     lp = b["lp"].clone().requires_grad_()
     out = prog(
         logprobs=lp,
@@ -266,10 +289,31 @@ def run(spec_or_loss, b: dict, settings: Settings | None = None):
     return out, lp.grad
 
 
-@pytest.mark.parametrize("name", sorted(PRELUDE))
+def terms(loss: LossExpr) -> list[EstimatorSpec]:
+    """The estimators of a sum of terms."""
+    if isinstance(loss, Term):
+        return [loss.estimator]
+    assert isinstance(loss, Sum)
+    return [spec for item in loss.items for spec in terms(item)]
+
+
+@pytest.mark.parametrize("name", STOCK)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stock_estimators_of_the_prelude(name: str, seed: int) -> None:
+    """Each prelude estimator, read by the language front end, compiles to its closed form."""
+    recipe = load_recipe(text=f"loss = {name}\ncritic {{ lr = 1e-3 }}")
+    specs = terms(recipe.loss)
+    b = make_batch(seed, noise=2e-4 if name == "gspo" else 0.35)  # GSPO's clip range is +-4e-4
+    out, grad = run(compile_recipe(recipe), b)
+    expected = sum(ref_grad(spec, b) for spec in specs)
+    assert torch.isfinite(out.loss) and expected.abs().sum() > 0
+    torch.testing.assert_close(grad, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gradient_is_the_unified_policy_gradient(name: str, seed: int) -> None:
-    spec = PRELUDE[name]
+    spec = VARIANTS[name]
     b = make_batch(seed)
     out, grad = run(spec, b, Settings(critic=CriticSettings()))
     expected = ref_grad(spec, b)
@@ -281,14 +325,14 @@ def test_gradient_is_the_unified_policy_gradient(name: str, seed: int) -> None:
 @pytest.mark.parametrize("name", ["grpo", "dapo", "gspo", "cispo", "dual_clip"])
 def test_some_tokens_are_clipped_in_these_checks(name: str) -> None:
     """The random batches exercise both sides of each mask (else the check above proves little)."""
-    fracs = [float(run(PRELUDE[name], make_batch(s))[0].metrics["clip_frac"]) for s in range(3)]
+    fracs = [float(run(VARIANTS[name], make_batch(s))[0].metrics["clip_frac"]) for s in range(3)]
     assert max(fracs) > 0 and min(fracs) < 1
 
 
 @pytest.mark.parametrize("name", ["sft", "grpo", "luffy_off", "cispo", "gspo", "reinforce_pp"])
 def test_gradient_wrt_logits_through_the_kernel(name: str) -> None:
     """dL/dz_{t,v} = g_t * (onehot(y_t)_v - softmax(z_t)_v), g_t the closed form above."""
-    spec = PRELUDE[name]
+    spec = VARIANTS[name]
     b = make_batch(3)
     B, T = b["mask"].shape
     V = 11
@@ -321,7 +365,7 @@ def test_gradient_wrt_logits_through_the_kernel(name: str) -> None:
 def test_hpt_gate_gradient() -> None:
     """if acc <= 0.25 then sft else grpo: SFT on the demonstrations of hard questions, GRPO on
     the rollouts of the others; each term normalised over its own active rows."""
-    sft, grpo = PRELUDE["sft"], PRELUDE["grpo"]
+    sft, grpo = VARIANTS["sft"], VARIANTS["grpo"]
     loss = Gate(((Compare("<=", Stat("acc"), Const(0.25)), Term(sft)),), Term(grpo))
     for seed in range(4):
         b = make_batch(seed, questions=4)
@@ -343,7 +387,7 @@ def test_soft_gate_gradient() -> None:
     """acc * grpo + (1 - acc) * sft: per-question weights scale each row's token coefficients."""
     from hpt_dsl.recipe import Arith, Scale, Sum
 
-    sft, grpo = PRELUDE["sft"], PRELUDE["grpo"]
+    sft, grpo = VARIANTS["sft"], VARIANTS["grpo"]
     loss = Sum((Scale(Stat("acc"), Term(grpo)), Scale(Arith("-", Const(1.0), Stat("acc")), Term(sft))))
     b = make_batch(7, questions=4)
     R, gid, demo = b["rewards"].tolist(), b["group_ids"].tolist(), b["is_demo"].tolist()
