@@ -92,7 +92,7 @@ _UNIT = re.compile(r"\\(?:text|textbf|mbox|mathrm)\s*\{[^{}]*\}")
 _DEGREE = re.compile(r"\^\s*\{?\\circ\}?|\\circ|°")
 _LHS = re.compile(r"^[a-zA-Z]\s*=(?!=)")
 _FRAC_SHORT = re.compile(r"\\frac\s*(\d)\s*(\d)")
-_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?")
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)(e[-+]?\d+)?", re.I)
 
 
 def normalize(answer: str) -> str:
@@ -232,7 +232,8 @@ def _serve() -> None:
         response, answer = json.loads(line)
         try:
             value = score(response, answer)
-            reply = ["ok", value if isinstance(value, (bool, int, float)) else repr(value)]
+            plain = value is None or isinstance(value, (bool, int, float, str))
+            reply = ["ok", value if plain else repr(value)]
         except Exception as e:
             reply = ["error", f"{type(e).__name__}: {e}"]
         out.write(json.dumps(reply) + "\n")
@@ -300,12 +301,19 @@ class Reward:
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
         if self.workers == 0:
-            return [_checked(self.spec, self.fn(r, a)) for r, a in zip(responses, answers, strict=True)]
+            return [self._one(r, a) for r, a in zip(responses, answers, strict=True)]
         try:
             return self._pooled(list(zip(responses, answers, strict=True)))
         except BaseException:  # replies still in flight would be read by the next batch
             self.close()
             raise
+
+    def _one(self, response: str, answer: str) -> float:
+        try:
+            value = self.fn(response, answer)
+        except Exception as e:  # the same report as from a worker
+            raise RewardError(f"reward '{self.spec}' failed: {type(e).__name__}: {e}") from e
+        return _checked(self.spec, value)
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when this object is collected)."""
