@@ -100,6 +100,7 @@ def _convert_gguf(alias: str, gguf: Path) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(source))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a cache is readable like any checkpoint
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
