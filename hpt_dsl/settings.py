@@ -111,6 +111,18 @@ class TrainSettings(_Section):
     max_bad_steps: int = Field(3, ge=1, description="consecutive non-finite steps before the run stops")
 
 
+class EvalSettings(_Section):
+    """[eval] how the held-out evaluation samples (defaults as in the HPT paper's evaluation).
+
+    k = train.eval_n samples per question; avg@k and pass@k are reported.
+    """
+
+    temperature: float = Field(0.6, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="None = rollout.max_new_tokens")
+    reward: str | None = Field(None, description="None = data.reward")
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSettings,
     "data": DataSettings,
@@ -118,6 +130,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "learner": LearnerSettings,
     "critic": CriticSettings,
     "train": TrainSettings,
+    "eval": EvalSettings,
 }
 
 
@@ -132,3 +145,4 @@ class Settings(BaseModel):
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     critic: CriticSettings | None = None
     train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
