@@ -3,7 +3,7 @@
 For logits z of shape (B, T, V), targets y (B, T) and temperature tau, with x = z / tau:
 
     log pi(y_t) = x_{t, y_t} - logsumexp_v x_{t, v}
-    H_t         = logsumexp_v x_{t, v} - sum_v p_{t, v} x_{t, v},     p = softmax(x_t)
+    H_t         = -sum_v p_{t, v} log p_{t, v},                       p = softmax(x_t)
 
 The naive ``log_softmax(z.float()).gather(...)`` keeps a float32 (B, T, V) tensor alive
 for the backward pass and allocates two more in it; with a 150k vocabulary this is the
@@ -41,10 +41,52 @@ def _blocks(B: int, T: int, rows: int) -> Iterator[tuple[slice, slice]]:
                 yield slice(b, b + 1), slice(t, t + rows)
 
 
-def _scaled(z: Tensor, temperature: float) -> Tensor:
-    """z / tau in float32 (or float64 when z is float64); may alias z when no change is needed."""
+def _scaled(z: Tensor, temperature: float) -> tuple[Tensor, bool]:
+    """(z / tau in float32 (float64 for float64 z), whether it is a fresh buffer we may overwrite)."""
     x = z if z.dtype in (torch.float32, torch.float64) else z.float()
-    return x if temperature == 1.0 else x / temperature
+    fresh = x is not z
+    if temperature != 1.0:
+        x = x.div_(temperature) if fresh else x / temperature
+        fresh = True
+    return x, fresh
+
+
+def _forward_block(
+    z: Tensor, y: Tensor, tau: float, with_entropy: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(log pi(y), logsumexp, entropy or None) of one block; its work space dies on return."""
+    x, _ = _scaled(z, tau)
+    m = torch.logsumexp(x, dim=-1)
+    lp = x.gather(-1, y[..., None]).squeeze(-1) - m
+    if not with_entropy:
+        return lp, m, None
+    logp = x - m[..., None]
+    return lp, m, -(logp.exp() * logp).sum(-1)  # -sum p log p: no cancellation between large terms
+
+
+def _backward_block(
+    z: Tensor,
+    y: Tensor,
+    tau: float,
+    lse: Tensor,
+    ent: Tensor | None,
+    g_lp: Tensor | None,
+    g_ent: Tensor | None,
+) -> Tensor:
+    """d loss / d z for one block:  (g (onehot - p) - h p (log p + H)) / tau."""
+    x, fresh = _scaled(z, tau)
+    logp = x.sub_(lse[..., None]) if fresh else x - lse[..., None]
+    gl = None if g_lp is None else g_lp[..., None]
+    if g_ent is not None and ent is not None:
+        p = logp.exp()
+        d = logp.add_(ent[..., None]).mul_(p).mul_(-g_ent[..., None])  # -h p (log p + H)
+        if gl is not None:
+            d.sub_(p.mul_(gl))
+    else:
+        d = logp.exp_().mul_(-gl)  # -g p, in the one work buffer
+    if gl is not None:
+        d.scatter_add_(-1, y[..., None], gl.to(d.dtype))
+    return d.div_(tau) if tau != 1.0 else d
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -55,16 +97,13 @@ class _TokenLogprobs(torch.autograd.Function):
         B, T, _ = logits.shape
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         lp = torch.empty(B, T, dtype=out_dtype, device=logits.device)
-        lse = torch.empty(B, T, dtype=out_dtype, device=logits.device)
-        ent = torch.empty(B, T, dtype=out_dtype, device=logits.device) if with_entropy else lp.new_empty(0)
+        lse = torch.empty_like(lp)
+        ent = torch.empty_like(lp) if with_entropy else lp.new_empty(0)
         for bs, ts in _blocks(B, T, rows):
-            x = _scaled(logits[bs, ts], temperature)
-            m = torch.logsumexp(x, dim=-1)
-            lse[bs, ts] = m
-            lp[bs, ts] = x.gather(-1, targets[bs, ts, None]).squeeze(-1) - m
-            if with_entropy:
-                p = (x - m[..., None]).exp_()
-                ent[bs, ts] = m - (p.mul_(x)).sum(-1)
+            lp_b, lse_b, ent_b = _forward_block(logits[bs, ts], targets[bs, ts], temperature, with_entropy)
+            lp[bs, ts], lse[bs, ts] = lp_b, lse_b
+            if ent_b is not None:
+                ent[bs, ts] = ent_b
         ctx.save_for_backward(logits, targets, lse, ent)
         ctx.temperature, ctx.rows, ctx.with_entropy = temperature, rows, with_entropy
         ctx.set_materialize_grads(False)
@@ -75,27 +114,21 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx: Any, g_lp: Tensor | None, g_ent: Tensor | None
     ) -> tuple[Tensor | None, None, None, None, None]:
         logits, targets, lse, ent = ctx.saved_tensors
-        tau = ctx.temperature
         grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)
         if g_lp is None and g_ent is None:
             return grad, None, None, None, None
         B, T, _ = logits.shape
+        use_ent = g_ent is not None and ctx.with_entropy
         for bs, ts in _blocks(B, T, ctx.rows):
-            x = _scaled(logits[bs, ts], tau)
-            logp = x - lse[bs, ts, None]
-            gl = None if g_lp is None else g_lp[bs, ts, None]
-            if g_ent is not None and ctx.with_entropy:
-                p = logp.exp()
-                d = logp.add_(ent[bs, ts, None]).mul_(p).mul_(-g_ent[bs, ts, None])  # h * (-p (log p + H))
-                if gl is not None:
-                    d.sub_(p.mul_(gl))
-            else:
-                d = logp.exp_().mul_(-gl)  # -g * p, in the one work buffer
-            if gl is not None:
-                d.scatter_add_(-1, targets[bs, ts, None], gl.to(d.dtype))
-            if tau != 1.0:
-                d.div_(tau)
-            grad[bs, ts] = d
+            grad[bs, ts] = _backward_block(
+                logits[bs, ts],
+                targets[bs, ts],
+                ctx.temperature,
+                lse[bs, ts],
+                ent[bs, ts] if use_ent else None,
+                None if g_lp is None else g_lp[bs, ts],
+                g_ent[bs, ts] if use_ent else None,
+            )
         return grad, None, None, None, None
 
 
