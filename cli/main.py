@@ -31,6 +31,12 @@ from hpt_dsl.cli.explain import explain_command  # noqa: E402
 app.command("check")(check_command)
 app.command("explain")(explain_command)
 
+from hpt_dsl.cli.compare import compare_command  # noqa: E402
+from hpt_dsl.cli.plot import plot_command  # noqa: E402
+
+app.command("compare")(compare_command)
+app.command("plot")(plot_command)
+
 
 def main() -> None:
     app()

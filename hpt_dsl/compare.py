@@ -1,0 +1,332 @@
+"""Compare recipes: the same data, model, budget and seeds for each, one table, one set of figures.
+
+    compare(["recipes/sft.hpt", "recipes/grpo.hpt", "recipes/hpt.hpt"], seeds=3, out="compare")
+
+runs every (recipe, seed) pair with the same ``--set`` overrides plus ``train.seed=<seed>``
+(seeds 0 .. N-1), each into ``out/runs/<recipe>-seed<seed>-<fingerprint>``, where the
+fingerprint is a hash of the resolved recipe (loss tree and every setting). A pair whose
+folder holds a finished run is reused; an unfinished one is resumed; a changed recipe or
+setting gets a new folder, so earlier results are never overwritten.
+
+For each recipe the table reports, over seeds (mean ± population std):
+
+    acc        held-out accuracy of the last evaluation
+    pass@k     pass@k of the last evaluation, for the largest k it reports
+    best step  the evaluation step of the highest mean accuracy (chosen on the held-out
+               set: an optimistic figure, labelled as such)
+    wall s     wall-clock seconds per run
+    tok/s      generated tokens per second of rollout (mean over steps)
+
+written as ``out/compare.md`` and ``out/compare.csv``, with the figures of ``hpt_dsl.plot``
+in ``out/plots``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpt_dsl import runs as runfiles
+from hpt_dsl.runs import RunData
+
+MARKER = "compare.json"
+"""Written into a run folder by ``compare`` once the run finished: fingerprint, label, seed, seconds."""
+PARTIAL = "compare.partial.json"
+"""Seconds spent on a run that stopped before it finished (added up on resume)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (recipe, seed) run of a comparison."""
+
+    recipe: str
+    label: str
+    seed: int
+    overrides: tuple[str, ...]
+    run_dir: Path
+    fingerprint: str
+
+
+Runner = Callable[[Job, bool, int], None]
+"""runner(job, resume, threads): train ``job.recipe`` with ``job.overrides`` into ``job.run_dir``."""
+
+
+@dataclass
+class Row:
+    """One recipe's line of the table (statistics over its seeds)."""
+
+    label: str
+    seeds: int
+    acc: tuple[float, float] | None = None
+    pass_k: tuple[int, float, float] | None = None
+    best_step: float | None = None
+    best_acc: float | None = None
+    wall_s: float | None = None
+    tokens_per_s: float | None = None
+    runs: list[RunData] = field(default_factory=list, repr=False)
+
+
+# ----- planning -------------------------------------------------------------------------------
+
+
+def fingerprint(recipe: Any) -> str:
+    """A hash of the resolved recipe: its loss tree and every setting except where it writes."""
+    settings = recipe.settings.model_dump(mode="json")
+    settings["train"].pop("output_dir", None)
+    blob = json.dumps({"loss": repr(recipe.loss), "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def label_of(path: str) -> str:
+    """The recipe's name in tables and figures: its file name without ``.hpt``."""
+    return Path(path).name.removesuffix(".hpt")
+
+
+def plan(recipes: Sequence[str], seeds: int, overrides: Sequence[str], out: Path) -> list[Job]:
+    """Every (recipe, seed) job, each recipe checked first (raises ``RecipeError``)."""
+    from hpt_dsl.lang import load_recipe
+
+    labels = [label_of(r) for r in recipes]
+    dupes = {x for x in labels if labels.count(x) > 1}
+    if dupes:
+        raise ValueError(f"recipes named twice: {', '.join(sorted(dupes))}; give each recipe once")
+    jobs = []
+    for path, label in zip(recipes, labels, strict=True):
+        for seed in range(seeds):
+            sets = (*overrides, f"train.seed={seed}")
+            fp = fingerprint(load_recipe(path, overrides=sets))
+            jobs.append(Job(path, label, seed, sets, out / "runs" / f"{label}-seed{seed}-{fp}", fp))
+    return jobs
+
+
+def finished(job: Job) -> bool:
+    """True when ``job.run_dir`` holds a run of this very recipe that completed."""
+    data = _read_json(job.run_dir / MARKER)
+    return data.get("fingerprint") == job.fingerprint and data.get("completed") is True
+
+
+# ----- running ---------------------------------------------------------------------------------
+
+
+def default_runner(job: Job, resume: bool, threads: int) -> None:
+    """Train one job in this process with the library's training loop."""
+    from hpt_dsl import train
+
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    train.run_recipe(job.recipe, overrides=list(job.overrides), output=job.run_dir, resume=resume, quiet=True)
+
+
+def _execute(job: Job, runner: Runner, threads: int) -> Job:
+    """Run (or resume) one job, then mark it finished; time spent before a crash is kept
+    in ``compare.partial.json`` and added when the job is resumed."""
+    resume = job.run_dir.exists() and any(p.name != PARTIAL for p in job.run_dir.iterdir())
+    before = _read_json(job.run_dir / PARTIAL).get("seconds", 0.0) if resume else 0.0
+    start = time.perf_counter()
+    try:
+        runner(job, resume, threads)
+    except BaseException:
+        if job.run_dir.exists():
+            _write_json(job.run_dir / PARTIAL, {"seconds": before + time.perf_counter() - start})
+        raise
+    _write_json(job.run_dir / MARKER, {
+        "fingerprint": job.fingerprint, "label": job.label, "seed": job.seed, "recipe": job.recipe,
+        "overrides": list(job.overrides), "seconds": before + time.perf_counter() - start, "completed": True,
+    })
+    return job
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a temporary file, then a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    runner: Runner = default_runner,
+    parallel: int = 1,
+    threads: int = 0,
+    on_event: Callable[[str, Job], None] | None = None,
+) -> None:
+    """Run every unfinished job; ``parallel`` > 1 runs that many processes at once
+    (``runner`` must then be a module-level function). ``threads`` > 0 sets each run's
+    torch threads. ``on_event(kind, job)`` hears "reuse", "start" and "done"."""
+    todo = []
+    for job in jobs:
+        if finished(job):
+            if on_event:
+                on_event("reuse", job)
+        else:
+            todo.append(job)
+    if parallel <= 1:
+        for job in todo:
+            if on_event:
+                on_event("start", job)
+            _execute(job, runner, threads)
+            if on_event:
+                on_event("done", job)
+        return
+    import multiprocessing
+
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = []
+        for job in todo:
+            if on_event:
+                on_event("start", job)
+            futures.append(pool.submit(_execute, job, runner, threads))
+        for fut in futures:
+            job = fut.result()
+            if on_event:
+                on_event("done", job)
+
+
+# ----- the table ---------------------------------------------------------------------------------
+
+
+def load_job(job: Job) -> RunData:
+    run = runfiles.load_run(job.run_dir, label=job.label)
+    run.seed = job.seed
+    run.info.update(_read_json(job.run_dir / MARKER))
+    return run
+
+
+def _ms(values: Sequence[float]) -> tuple[float, float] | None:
+    if not values:
+        return None
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+
+def summarize(runs: Sequence[RunData]) -> list[Row]:
+    """One row per label (in first-seen order) with statistics over its seeds."""
+    groups: dict[str, list[RunData]] = {}
+    for r in runs:
+        groups.setdefault(r.label, []).append(r)
+    rows = []
+    for label, g in groups.items():
+        row = Row(label, len(g), runs=g)
+        last = [runfiles.eval_acc(r.evals[-1]) for r in g if r.evals]
+        finals = [a for a in last if a is not None]
+        row.acc = _ms(finals)
+        pks = [runfiles.final_pass_at_k(r) for r in g]
+        pks = [p for p in pks if p]
+        if pks:
+            k = max(set.intersection(*(set(p) for p in pks)), default=None)
+            if k is not None:
+                m = _ms([p[k] for p in pks])
+                assert m is not None
+                row.pass_k = (k, *m)
+        curves = [runfiles.eval_accuracy(r) for r in g]
+        shared = sorted(set.intersection(*(set(c) for c in curves))) if all(curves) else []
+        if shared:
+            means = [(sum(c[s] for c in curves) / len(curves), s) for s in shared]
+            best = max(means, key=lambda t: (t[0], -t[1]))
+            row.best_acc, row.best_step = best
+        walls = [float(r.info["seconds"]) for r in g if isinstance(r.info.get("seconds"), (int, float))]
+        row.wall_s = sum(walls) / len(walls) if walls else None
+        tps = [v for r in g for v in runfiles.step_series(r, "tokens_per_s").values()]
+        row.tokens_per_s = sum(tps) / len(tps) if tps else None
+        rows.append(row)
+    return rows
+
+
+HEADER = ("recipe", "seeds", "held-out acc", "pass@k", "best step (acc)", "wall s / run", "tokens/s")
+
+
+def cells(row: Row) -> tuple[str, ...]:
+    """The row as the table's text cells."""
+    acc = f"{row.acc[0]:.3f} ± {row.acc[1]:.3f}" if row.acc else "-"
+    pk = f"pass@{row.pass_k[0]} {row.pass_k[1]:.3f} ± {row.pass_k[2]:.3f}" if row.pass_k else "-"
+    best = "-"
+    if row.best_step is not None and row.best_acc is not None:
+        best = f"{row.best_step:g} ({row.best_acc:.3f})"
+    wall = f"{row.wall_s:.0f}" if row.wall_s is not None else "-"
+    tps = f"{row.tokens_per_s:.0f}" if row.tokens_per_s is not None else "-"
+    return (row.label, str(row.seeds), acc, pk, best, wall, tps)
+
+
+def to_markdown(rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> None:
+    """Numbers unformatted, one column per statistic."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["recipe", "seeds", "acc_mean", "acc_std", "pass_k", "pass_k_mean", "pass_k_std",
+                    "best_step", "best_acc", "wall_s", "tokens_per_s"])
+        for r in rows:
+            w.writerow([
+                r.label, r.seeds,
+                *(r.acc if r.acc else ("", "")),
+                *(r.pass_k if r.pass_k else ("", "", "")),
+                "" if r.best_step is None else r.best_step, "" if r.best_acc is None else r.best_acc,
+                "" if r.wall_s is None else round(r.wall_s, 2),
+                "" if r.tokens_per_s is None else round(r.tokens_per_s, 1),
+            ])
+
+
+def rich_table(rows: Sequence[Row]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="compare (mean ± std over seeds; best step is chosen on the held-out set)")
+    for i, h in enumerate(HEADER):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*cells(r))
+    return table
+
+
+@dataclass
+class Result:
+    rows: list[Row]
+    markdown: Path
+    csv: Path
+    figures: list[Path]
+
+
+def compare(
+    recipes: Sequence[str],
+    seeds: int = 3,
+    overrides: Sequence[str] = (),
+    out: Path | str = "compare",
+    parallel: int = 1,
+    threads: int = 0,
+    runner: Runner = default_runner,
+    on_event: Callable[[str, Job], None] | None = None,
+) -> Result:
+    """Plan, run (reusing finished runs), tabulate and plot; see the module docstring."""
+    from hpt_dsl.plot import plot_runs
+
+    out = Path(out)
+    jobs = plan(recipes, seeds, overrides, out)
+    run_jobs(jobs, runner, parallel, threads, on_event)
+    rows = summarize([load_job(j) for j in jobs])
+    md, csv_path = out / "compare.md", out / "compare.csv"
+    md.write_text(to_markdown(rows), encoding="utf-8")
+    write_csv(rows, csv_path)
+    figures = plot_runs(out_dir=out / "plots", runs=[r for row in rows for r in row.runs])
+    return Result(rows, md, csv_path, figures)
