@@ -16,7 +16,9 @@ clear error rather than a surprise. Estimators become ``EstimatorSpec`` (normali
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from hpt_dsl.lang import ast, rules
 from hpt_dsl.lang.components import KEY_MEANING, KEYS, KIND_NAME, VOCAB, Form
@@ -45,6 +47,8 @@ from hpt_dsl.recipe import (
 from hpt_dsl.settings import SECTIONS, Settings
 
 PRELUDE = "<prelude>"
+T = TypeVar("T")
+SPLIT_HINT = "split it with `let` definitions"
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,15 @@ class Checker:
                 extra.pos,
                 hint="a recipe has one loss; combine terms with + or a gate",
             )
-        return self.loss(losses[0].value)
+        return self._guarded(lambda: self.loss(losses[0].value), losses[0].pos)
+
+    def _guarded(self, fn: Callable[[], T], pos: ast.Pos) -> T | None:
+        """Run one statement's evaluation; a tree too deep for Python becomes E004 there."""
+        try:
+            return fn()
+        except RecursionError:
+            self.sink.error("E004", "expression nested too deeply", pos, hint=SPLIT_HINT)
+            return None
 
     def define(self, module: ast.Module) -> None:
         """Evaluate and bind the ``let`` statements, in order."""
@@ -171,7 +183,7 @@ class Checker:
             if let.name in done or let.name in STATS:
                 continue
             done.add(let.name)
-            value = self.expr(let.value)
+            value = self._guarded(lambda let=let: self.expr(let.value), let.pos) or BAD
             value = self._override(let.name, value)
             if isinstance(value, EstV):
                 value = EstV(value.parts, let.name, value.site)
@@ -252,7 +264,8 @@ class Checker:
         if b is not None:
             v = b.value
             if isinstance(v, EstV):
-                return EstV(v.parts, v.name, node.pos)
+                # a prelude estimator is reported where it is used; a user's where it is defined
+                return EstV(v.parts, v.name, node.pos) if b.pos.src == PRELUDE else v
             if isinstance(v, LossV) and b.pos.src == PRELUDE and self.settings is not None:
                 return LossV(self._recheck(v.loss, node.pos))
             return v
@@ -270,15 +283,14 @@ class Checker:
         return BAD
 
     def _name_hint(self, name: str) -> str:
-        known = list(self.scope) + list(STATS)
-        near = did_you_mean(name, known)
-        if near:
-            return f"did you mean '{near}'?"
         for key, forms in VOCAB.items():
             if name in forms:
                 return f"'{name}' is a value of the component '{key}': write {key}={name}"
         if name in KEYS:
             return f"'{name}' is a component: write it as {name}=<value>"
+        near = did_you_mean(name, list(self.scope) + list(STATS))
+        if near:
+            return f"did you mean '{near}'?"
         estimators = [k for k, b in self.scope.items() if isinstance(b.value, EstV | LossV)]
         return f"known estimators: {one_of(estimators)}; statistics: {one_of(STATS)}"
 
@@ -415,7 +427,7 @@ class Checker:
             return BAD
         if isinstance(coef, Num):
             if not math.isfinite(coef.value):
-                self.sink.error("E014", "coefficient out of range (not finite)", node.pos)
+                self.sink.error("E014", "number out of range (the product overflows)", node.pos)
                 return BAD
             if coef.value == 1.0:
                 return LossV(loss) if not isinstance(v, EstV) else v
@@ -493,7 +505,7 @@ class Checker:
             return v.loss
         if isinstance(v, Num) and v.value == 0:
             return Zero()
-        what = f"{where} must be a loss" if where else "expected a loss"
+        what = f"{where} must be an estimator or a combination of estimators" if where else "expected a loss"
         if isinstance(v, Num):
             self._kind_error(
                 node,
@@ -719,9 +731,13 @@ def _short(text: str) -> str:
 
 
 def _arity_text(form: Form) -> str:
+    """'1 argument', '1 or 2 arguments', 'no arguments or 1 argument'."""
     counts = sorted(form.arity)
-    words = ["no arguments" if n == 0 else f"{n} argument{'s' if n > 1 else ''}" for n in counts]
-    return " or ".join(words)
+    if counts[0] == 0:
+        rest = " or ".join(str(n) for n in counts[1:])
+        plural = "s" if counts[-1] > 1 else ""
+        return "no arguments" + (f" or {rest} argument{plural}" if rest else "")
+    return f"{' or '.join(str(n) for n in counts)} argument{'s' if counts[-1] > 1 else ''}"
 
 
 def _usage(form: Form) -> str:

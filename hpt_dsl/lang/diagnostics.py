@@ -97,13 +97,13 @@ class Diagnostic:
         if self.line is not None and self.line_text is not None:
             gutter = str(self.line)
             pad = " " * len(gutter)
-            shown = printable(self.line_text)
+            start = max((self.col or 1) - 1, 0)
+            end = self.end_col - 1 if self.end_col and self.col and self.end_col > self.col else start + 1
+            shown, offset = _window(self.line_text, start)
             out.append(f"{pad} |")
-            out.append(f"{gutter} | {shown}")
+            out.append(f"{gutter} | {printable(shown)}")
             if self.col is not None:
-                start = max(self.col - 1, 0)
-                end = self.end_col - 1 if self.end_col and self.end_col > self.col else start + 1
-                end = min(end, max(len(shown), start + 1))
+                start, end = start - offset, min(end - offset, max(len(shown), start - offset + 1))
                 out.append(f"{pad} | {' ' * start}{'^' * max(end - start, 1)}")
         if self.hint:
             lead = " " * (len(str(self.line)) if self.line is not None else 0)
@@ -118,6 +118,23 @@ class RecipeError(Exception):
         self.diagnostics: list[Diagnostic] = list(diagnostics)
         errors = [d for d in self.diagnostics if d.is_error] or self.diagnostics
         super().__init__("\n\n".join(d.render() for d in errors))
+
+
+WIDTH = 100
+"""Longest source excerpt shown; longer lines are cut around the column."""
+
+
+def _window(line: str, col0: int) -> tuple[str, int]:
+    """(excerpt, index of its first character in ``line``), at most WIDTH characters."""
+    if len(line) <= WIDTH:
+        return line, 0
+    first = max(0, min(col0 - WIDTH // 3, len(line) - WIDTH))
+    excerpt = line[first : first + WIDTH]
+    if first > 0:
+        excerpt = "…" + excerpt[1:]
+    if first + WIDTH < len(line):
+        excerpt = excerpt[:-1] + "…"
+    return excerpt, first
 
 
 def printable(text: str) -> str:
@@ -161,7 +178,7 @@ class Sink:
 
     def __init__(self, file: str, text: str) -> None:
         self.file = file
-        self.lines = text.splitlines() or [""]
+        self.lines = text.split("\n")
         self.items: list[Diagnostic] = []
         self._seen: set[tuple[object, ...]] = set()
 

@@ -59,6 +59,8 @@ PAPERS: dict[str, str] = {
 }
 
 FIELDS = ("mask", "clip_symmetric", "denom", "adv", "grad", "agg", "on", "group")
+WEIGHTS = (3, 1, 3, 3, 2, 1, 3, 1)
+"""How much a difference in each field counts when looking for the closest algorithm."""
 PER_QUESTION = set(STATS) - {"step"}
 
 
@@ -80,12 +82,13 @@ def match_estimator(s: EstimatorSpec, settings: Settings | None = None) -> dict[
         if not isinstance(loss, Term):
             continue
         other = signature(loss.estimator)
-        differs = [f for f, a, b in zip(FIELDS, sig, other, strict=True) if a != b]
-        if best is None or len(differs) < best[0]:
-            best = (len(differs), name, differs)
+        diff = [(f, w) for f, w, a, b in zip(FIELDS, WEIGHTS, sig, other, strict=True) if a != b]
+        cost = sum(w for _, w in diff)
+        if best is None or cost < best[0]:
+            best = (cost, name, [f for f, _ in diff])
     assert best is not None
-    count, name, differs = best
-    return {"name": name if count == 0 else None, "closest": name, "differs": differs}
+    cost, name, differs = best
+    return {"name": name if cost == 0 else None, "closest": name, "differs": differs}
 
 
 def match_recipe(recipe: Recipe) -> dict[str, Any]:

@@ -167,7 +167,9 @@ def decode(raw: bytes, label: str) -> tuple[str, str | None, Diagnostic | None]:
 
 
 def _clean(text: str) -> str:
-    return text[1:] if text.startswith("\ufeff") else text
+    """Drop a byte-order mark; every line ending becomes '\n'."""
+    text = text[1:] if text.startswith("\ufeff") else text
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _text_problem(text: str, label: str) -> Diagnostic | None:

@@ -199,11 +199,11 @@ def _unexpected_token(e: lark.exceptions.UnexpectedInput, text: str, sink: Sink)
         line = getattr(tok, "line", None) or getattr(e, "line", None)
         col = getattr(tok, "column", None) or getattr(e, "column", None)
         if not isinstance(line, int) or line < 1:
-            lines = text.splitlines() or [""]
+            lines = text.split("\n")
             line, col = len(lines), len(lines[-1]) + 1
         if kind == "_NL":
             # point just past the last thing on that line, not at the newline itself
-            lines = text.splitlines() or [""]
+            lines = text.split("\n")
             if 0 < line <= len(lines):
                 col = len(lines[line - 1].rstrip()) + 1
                 col = _before_comment(lines[line - 1], col)
