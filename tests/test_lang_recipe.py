@@ -309,3 +309,19 @@ def test_explain_reports_a_custom_estimator_and_its_closest_algorithm() -> None:
 def test_errors_stop_before_a_recipe_exists() -> None:
     with pytest.raises(RecipeError):
         load_recipe(text="loss = grpo +")
+
+
+def test_the_language_reference_covers_every_keyword_and_code() -> None:
+    from hpt_dsl.lang.components import VOCAB
+    from hpt_dsl.lang.diagnostics import CODES
+    from hpt_dsl.recipe import STATS
+
+    doc = (RECIPES.parent / "docs" / "language.md").read_text(encoding="utf-8")
+    for key, forms in VOCAB.items():
+        assert f"`{key}`" in doc, key
+        for name in forms:
+            assert name in doc, (key, name)
+    for code in CODES:
+        assert f"| {code} |" in doc, code
+    for name in STATS + tuple(PRELUDE_NAMES):
+        assert f"`{name}`" in doc, name
