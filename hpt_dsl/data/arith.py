@@ -1,0 +1,133 @@
+"""The built-in task: seeded arithmetic with step-by-step demonstrations.
+
+Questions are additions, subtractions and multiplications at three levels of difficulty:
+
+    level 1  one digit  op one digit       3+5      7-4      6*7
+    level 2  two digits op one digit       47+8     52-7     23*4
+    level 3  two digits op two digits      47+38    82-37    (no multiplication)
+
+Every question has a demonstration that works column by column, right to left, and ends
+in ``\\boxed{answer}``; carries and borrows are written into the next column::
+
+    47+38   ->  7+8=15 / 4+3+1=8 / \\boxed{85}
+    82-37   ->  12-7=5 / 7-3=4 / \\boxed{45}
+    23*4    ->  3*4=12 / 2*4+1=9 / \\boxed{92}
+
+(lines separated by newlines). Subtraction never goes below zero. The pool of distinct
+questions is shuffled by the seed and split into a fixed train and test set, so test
+questions are new combinations of column steps that the train set teaches.
+
+The verifier (``reward``) extracts the last ``\\boxed{...}`` of a response and scores 1 if
+it equals the reference answer as an integer, else 0.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from hpt_dsl.data.base import Question
+
+LEVEL_WEIGHTS = {1: 0.3, 2: 0.4, 3: 0.3}
+"""Share of each difficulty level in the question pool."""
+
+
+def demonstration(a: int, op: str, b: int) -> str:
+    """The column-by-column worked solution of ``a op b``, ending in ``\\boxed{}``."""
+    if op == "*":
+        lines, carry = [], 0
+        digits = [int(d) for d in reversed(str(a))]
+        for i, d in enumerate(digits):
+            total = d * b + carry
+            step = f"{d}*{b}" + (f"+{carry}" if carry else "")
+            lines.append(f"{step}={total}")
+            carry = total // 10 if i < len(digits) - 1 else 0
+        return "\n".join(lines + [f"\\boxed{{{a * b}}}"])
+    da = [int(d) for d in reversed(str(a))]
+    db = [int(d) for d in reversed(str(b))] + [0] * (len(str(a)) - len(str(b)))
+    lines, carry = [], 0
+    for i, (x, y) in enumerate(zip(da, db, strict=False)):
+        last = i == len(da) - 1
+        if op == "+":
+            total = x + y + carry
+            lines.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}")
+            carry = total // 10
+        else:
+            x = x - carry
+            borrow = 1 if (x < y and not last) else 0
+            top = x + 10 * borrow
+            lines.append(f"{top}-{y}={top - y}")
+            carry = borrow
+    answer = a + b if op == "+" else a - b
+    return "\n".join(lines + [f"\\boxed{{{answer}}}"])
+
+
+def _pool() -> list[tuple[int, int, str, int]]:
+    """Every (level, a, op, b) of the task."""
+    out = []
+    one, two = range(10), range(10, 100)
+    for op in "+-*":
+        for a in one:
+            for b in one:
+                if op != "-" or a >= b:
+                    out.append((1, a, op, b))
+        for a in two:
+            for b in one:
+                if op != "-" or a >= b:
+                    out.append((2, a, op, b))
+        if op != "*":
+            for a in two:
+                for b in two:
+                    if op != "-" or a >= b:
+                        out.append((3, a, op, b))
+    return out
+
+
+def make_questions(
+    seed: int, n_train: int = 2000, n_test: int = 200
+) -> tuple[list[Question], list[Question]]:
+    """(train, test): disjoint, each with the level shares of ``LEVEL_WEIGHTS``."""
+    rng = random.Random(seed)
+    by_level: dict[int, list[tuple[int, int, str, int]]] = {}
+    for item in _pool():
+        by_level.setdefault(item[0], []).append(item)
+    train: list[Question] = []
+    test: list[Question] = []
+    for level, share in LEVEL_WEIGHTS.items():
+        items = by_level[level]
+        rng.shuffle(items)
+        k_test = round(n_test * share)
+        k_train = min(round(n_train * share), len(items) - k_test)
+        test += [_question(x) for x in items[:k_test]]
+        train += [_question(x) for x in items[k_test : k_test + k_train]]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    train = [Question(i, q.prompt, q.answer, q.demo) for i, q in enumerate(train)]
+    test = [Question(i, q.prompt, q.answer, q.demo) for i, q in enumerate(test)]
+    return train, test
+
+
+def _question(item: tuple[int, int, str, int]) -> Question:
+    _, a, op, b = item
+    answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return Question(0, f"{a}{op}{b}", str(answer), demonstration(a, op, b))
+
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (no nesting), or None."""
+    found = _BOXED.findall(text)
+    return found[-1].strip() if found else None
+
+
+def reward(response: str, answer: str) -> float:
+    """1.0 if the last ``\\boxed{}`` of ``response`` is the integer ``answer``, else 0.0."""
+    got = last_boxed(response)
+    if got is None:
+        return 0.0
+    try:
+        return 1.0 if int(got) == int(answer) else 0.0
+    except ValueError:
+        return 0.0
