@@ -8,6 +8,7 @@ malformed / unknown ``--set``. A file that is not UTF-8 text is a recipe error (
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -36,7 +37,7 @@ def check_command(
     usage = failed = False
     errors = warnings = 0
     for path in files:
-        out = analyse(path, overrides=overrides)
+        out = analyse(Path(path), overrides=overrides)
         n_err = len(out.errors)
         n_warn = len(out.diagnostics) - n_err
         errors, warnings = errors + n_err, warnings + n_warn

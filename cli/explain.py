@@ -8,6 +8,7 @@ Exit codes as ``check``: 1 when the recipe has errors, 2 for usage errors.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from hpt_dsl.cli.check import SET_HELP, print_diagnostics
@@ -31,7 +32,7 @@ def explain_command(
 ) -> None:
     """Explain a recipe: its estimators, their gradient formulas, the gate and what the run needs."""
     console = Console(highlight=False, soft_wrap=True)
-    out = analyse(file, overrides=overrides)
+    out = analyse(Path(file), overrides=overrides)
     if out.recipe is None:
         if as_json:
             typer.echo(json.dumps({"file": file, "diagnostics": [d.to_dict() for d in out.diagnostics]}))
