@@ -100,7 +100,7 @@ def test_micro_batches_sum_to_the_full_batch(agg: Call, old_is_current: bool) ->
             )
             (out.loss + out.value_loss).backward()
             total += float(out.loss.detach())
-            vtotal += float(out.value_loss)
+            vtotal += out.value_loss.item()
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v)
         result = (total, vtotal, lp.grad.clone(), values.grad.clone(), metrics)

@@ -53,16 +53,20 @@ class TokenInputs:
 
 @dataclass
 class Likelihood:
-    """x (with gradient) and the detached ratio rho that masks test."""
+    """x (with gradient) and the detached ratio rho that masks test. ``x_is_rho``: x has
+    rho's value (every denominator but pi_theta), so clamping x clamps the ratio;
+    ``sequence``: rho is the sequence ratio s_i."""
 
     x: Tensor
     rho: Tensor
+    x_is_rho: bool = True
+    sequence: bool = False
 
 
 @register("denom", "pi_theta")
 def pi_theta(t: TokenInputs) -> Likelihood:
     """x = log pi_theta, rho = 1."""
-    return Likelihood(t.lp, torch.ones_like(t.lp.detach()))
+    return Likelihood(t.lp, torch.ones_like(t.lp.detach()), x_is_rho=False)
 
 
 @register("denom", "pi_old")
@@ -83,4 +87,4 @@ def one(t: TokenInputs) -> Likelihood:
 def pi_old_seq(t: TokenInputs) -> Likelihood:
     """x = sg(s_i) * exp(lp - sg(lp)), rho = s_i (GSPO's length-normalised sequence ratio)."""
     s = t.seq_ratio().detach()
-    return Likelihood(s * torch.exp(t.lp - t.lp.detach()), s.expand_as(t.lp))
+    return Likelihood(s * torch.exp(t.lp - t.lp.detach()), s.expand_as(t.lp), sequence=True)

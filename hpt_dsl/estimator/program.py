@@ -1,0 +1,502 @@
+"""LossProgram: ``prepare`` once per optimizer mini-batch, ``loss`` once per micro-batch.
+
+``prepare`` is the global pass over the whole mini-batch (no gradient): per-question
+statistics, each term's gate weight w_i per row, its advantages, and its per-row token
+weight  c_i = w_i * [row i active] * a_i  (a_i from the aggregation, with every count taken
+over the whole mini-batch). ``loss`` is then, for the rows of one micro-batch,
+
+    loss = -sum_k sum_{i in rows} c^k_i * sum_t m_{i,t} * tis_{i,t} * J^k_{i,t}
+    J^k  = mask(denom, adv, grad) - kl_coef * kl + entropy_coef * H      (the token objective)
+
+which is additive over micro-batches by construction: summing ``loss`` over any split of
+the rows gives the full-batch loss and gradient. Every metric is built the same way (a
+per-row share prepared globally, summed over the rows at hand), so metrics add up too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hpt_dsl.estimator import regularize
+from hpt_dsl.estimator.adv import AdvInputs, gae_returns
+from hpt_dsl.estimator.denom import TokenInputs
+from hpt_dsl.estimator.gate import Branch, WeightFn
+from hpt_dsl.estimator.stats import question_stats
+from hpt_dsl.recipe import EstimatorSpec, Needs
+from hpt_dsl.settings import CriticSettings, Settings
+
+GROUP_ADVS = ("group_norm", "group_mean", "rloo")
+
+
+@dataclass(frozen=True)
+class CompiledTerm:
+    """One estimator with its components looked up in the registry, and its gate weight."""
+
+    name: str
+    spec: EstimatorSpec
+    weight: WeightFn
+    denom: Callable[..., Any]
+    mask: Callable[..., Any]
+    shape: Callable[[Tensor], Tensor]
+    adv: Callable[..., Any]
+    agg: Callable[..., Any]
+    kl: Callable[[Tensor], Tensor] | None
+
+    def objective(
+        self, t: TokenInputs, ref: Tensor | None, entropy: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """(J, clipped tokens, rho, kl) for one micro-batch: J is the per-token objective
+        (the token loss is -J), mask(denom, adv, grad) - kl_coef * kl + entropy_coef * H."""
+        lik = self.denom(t)
+        obj, clipped = self.mask(t, lik, self.shape, *self.spec.mask.args)
+        kl = None
+        if self.kl is not None and self.spec.kl is not None and ref is not None:
+            kl = self.kl(regularize.log_ratio(t.lp, ref, t.mask))
+            obj = obj - self.spec.kl.args[0] * kl
+        if self.spec.entropy and entropy is not None:
+            obj = obj + self.spec.entropy * entropy
+        return obj, clipped, lik.rho, kl
+
+
+@dataclass
+class Prepared:
+    """The global pass over one optimizer mini-batch (see LossProgram.prepare).
+
+    Per term k: coef[k] (B,) c_i, the weight of each token of row i (gate weight times
+    aggregation weight); adv[k] (B, 1) or (B, T); tok[k] (B,) [row active] / N_tok, the
+    token-mean weights of metrics; live[k] False when the term has no token at all.
+    row_metrics: name -> (B,) per-row shares of batch-level metrics; shares: how the
+    overall metrics mix the per-term ones. tis: (B, T) truncated IS weights, or the
+    (rollout_logprobs, rollout tokens, cap) to weigh with when pi_old is the live policy.
+    value_coef: (B,) per-row weight of the critic's token losses.
+    """
+
+    response_mask: Tensor
+    coef: list[Tensor]
+    adv: list[Tensor]
+    tok: list[Tensor]
+    live: list[bool]
+    shares: dict[str, list[float]]
+    row_metrics: dict[str, Tensor]
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    old_is_current: bool = False
+    returns: Tensor | None = None
+    old_values: Tensor | None = None
+    value_coef: Tensor | None = None
+    tis: Tensor | tuple[Tensor, Tensor, float] | None = None
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    weights: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.response_mask.shape[0])
+
+
+@dataclass
+class LossOutput:
+    """loss: the policy loss of these rows (0-d, with gradient); value_loss: the clipped critic
+    loss (adv=gae with ``values`` passed) or None; metrics: 0-d detached tensors, additive over
+    micro-batches."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    value_loss: Tensor | None = None
+
+
+Rows = Tensor | slice | None
+
+
+class LossProgram:
+    """A compiled recipe: ``prepare`` once per optimizer mini-batch, ``loss`` per micro-batch."""
+
+    def __init__(
+        self,
+        terms: list[CompiledTerm],
+        branches: list[Branch],
+        settings: Settings,
+        needs: Needs,
+        stats_used: set[str],
+    ) -> None:
+        self.terms = terms
+        self.branches = branches
+        self.settings = settings
+        self.needs = needs
+        self.stats_used = stats_used
+
+    def __repr__(self) -> str:
+        return "LossProgram(" + ", ".join(f"{t.name}: {t.spec.components()}" for t in self.terms) + ")"
+
+    # ----- what must be passed -------------------------------------------------------------
+
+    def required_inputs(self) -> dict[str, str]:
+        """name -> description of every input ``prepare`` needs for this program."""
+        need: dict[str, str] = {}
+        specs = [t.spec for t in self.terms]
+        per_question = bool(self.stats_used - {"step"})
+        if per_question or any(s.adv.name != "const" for s in specs):
+            need["rewards"] = "one scalar reward per row, shape (B,)"
+        if per_question or any(s.adv.name in GROUP_ADVS for s in specs):
+            need["group_ids"] = "the integer question id of each row, shape (B,)"
+        if any(s.on != "rollouts" or s.group != "rollouts" for s in specs):
+            need["is_demo"] = "True on demonstration rows, shape (B,)"
+        if any(s.denom in ("pi_old", "pi_old_seq") or s.mask.name == "seq_clip" for s in specs):
+            need["old_logprobs"] = "log pi_old of the taken tokens, shape (B, T)"
+        if any(s.kl is not None for s in specs):
+            need["ref_logprobs"] = "log pi_ref of the taken tokens (frozen reference model), shape (B, T)"
+        if any(s.adv.name == "gae" for s in specs):
+            need["values"] = "the critic's values of the response tokens, shape (B, T)"
+        return need
+
+    # ----- the global pass ---------------------------------------------------------------
+
+    def prepare(
+        self,
+        *,
+        response_mask: Tensor,
+        rewards: Tensor | None = None,
+        group_ids: Tensor | None = None,
+        is_demo: Tensor | None = None,
+        old_logprobs: Tensor | None = None,
+        ref_logprobs: Tensor | None = None,
+        values: Tensor | None = None,
+        rollout_logprobs: Tensor | None = None,
+        step: int = 0,
+        old_is_current: bool = False,
+    ) -> Prepared:
+        """Everything that needs the whole optimizer mini-batch, computed once, without gradient.
+
+        ``old_is_current=True`` says pi_old is the policy being trained (on-policy data, one
+        update epoch): each micro-batch's detached ``logprobs`` then serve as pi_old and
+        ``old_logprobs`` need not be passed.
+        """
+        need = self.required_inputs()
+        if old_is_current:
+            need.pop("old_logprobs", None)
+        given = dict(
+            rewards=rewards, group_ids=group_ids, is_demo=is_demo, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, values=values,
+        )  # fmt: skip
+        missing = [f"  {k}: {v}" for k, v in need.items() if given.get(k) is None]
+        if missing:
+            raise ValueError("this estimator needs inputs that were not passed:\n" + "\n".join(missing))
+        if response_mask.dim() != 2:
+            raise ValueError(f"response_mask must have shape (B, T); got {tuple(response_mask.shape)}")
+        B, T = response_mask.shape
+        for name, x, shape in (
+            ("rewards", rewards, (B,)), ("group_ids", group_ids, (B,)), ("is_demo", is_demo, (B,)),
+            ("old_logprobs", old_logprobs, (B, T)), ("ref_logprobs", ref_logprobs, (B, T)),
+            ("values", values, (B, T)), ("rollout_logprobs", rollout_logprobs, (B, T)),
+        ):  # fmt: skip
+            if x is not None and tuple(x.shape) != shape:
+                raise ValueError(
+                    f"`{name}` has shape {tuple(x.shape)}; expected {shape} to match response_mask"
+                )
+        with torch.no_grad():
+            return self._prepare(
+                response_mask, rewards, group_ids, is_demo, old_logprobs, ref_logprobs, values,
+                rollout_logprobs, step, old_is_current,
+            )  # fmt: skip
+
+    def _prepare(
+        self,
+        response_mask: Tensor,
+        rewards: Tensor | None,
+        group_ids: Tensor | None,
+        is_demo: Tensor | None,
+        old_logprobs: Tensor | None,
+        ref_logprobs: Tensor | None,
+        values: Tensor | None,
+        rollout_logprobs: Tensor | None,
+        step: int,
+        old_is_current: bool,
+    ) -> Prepared:
+        B = response_mask.shape[0]
+        device = response_mask.device
+        floats = [x for x in (old_logprobs, ref_logprobs, values, rollout_logprobs, rewards) if x is not None]
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in floats) else torch.float32
+        mask = response_mask != 0
+        length = mask.sum(dim=1).to(dtype)
+        demo = (
+            torch.zeros(B, dtype=torch.bool, device=device) if is_demo is None else is_demo.to(device).bool()
+        )
+        if group_ids is None:
+            group, n_groups = torch.arange(B, device=device), B
+        else:
+            uniq, group = torch.unique(group_ids.to(device), return_inverse=True)
+            n_groups = int(uniq.numel())
+        R = torch.zeros(B, dtype=dtype, device=device) if rewards is None else rewards.to(device, dtype)
+        old = _clean(old_logprobs, mask, dtype)
+        vals = _clean(values, mask, dtype)
+        stats = question_stats(R, group, n_groups, ~demo, step)
+        rows_per_q = torch.zeros(n_groups, dtype=dtype, device=device).index_add(0, group, torch.ones_like(R))
+        question_share = 1.0 / (rows_per_q[group] * max(n_groups, 1))  # sums to 1 over all rows
+
+        coef, advs, toks, counts, row_metrics, weights = [], [], [], [], {}, {}
+        returns, critic_rows = None, torch.zeros(B, dtype=torch.bool, device=device)
+        for term in self.terms:
+            spec = term.spec
+            wq = term.weight(stats).to(dtype)
+            bad = ~torch.isfinite(wq)
+            wq = torch.where(bad, 0.0, wq)
+            weights[term.name] = wq
+            w = wq[group]
+            selected = _rows(spec.on, demo)
+            active = selected & (w != 0)
+            inp = AdvInputs(R, group, n_groups, _rows(spec.group, demo), active, mask, vals)
+            a_hat = term.adv(inp, *spec.adv.args).to(dtype)
+            if spec.adv.name == "gae":
+                critic_rows |= selected
+                if returns is None:
+                    returns = gae_returns(R, vals, mask, *spec.adv.args)[1]  # type: ignore[arg-type]
+            L = length * active
+            coef.append(w * term.agg(L, *spec.agg.args) * (L > 0))
+            tok = active.to(dtype) / L.sum().clamp(min=1)
+            toks.append(tok)
+            counts.append(L.sum())
+            if a_hat.dim() == 2:
+                row_metrics[f"adv_mean/{term.name}"] = tok * (a_hat * mask).sum(dim=1)
+            else:
+                row_metrics[f"adv_mean/{term.name}"] = tok * a_hat * length
+                a_hat = a_hat[:, None]
+            advs.append(a_hat)
+            row_metrics[f"gate/{term.name}"] = question_share * (wq != 0)[group]
+            row_metrics[f"gate/{term.name}/nonfinite"] = question_share * bad[group]
+        for br in self.branches:
+            row_metrics[f"branch/{br.label}"] = question_share * (br.taken(stats) != 0)[group]
+
+        tis: Tensor | tuple[Tensor, Tensor, float] | None = None
+        cap = self.settings.rollout.tis_cap
+        if cap is not None and rollout_logprobs is not None:
+            rlp = _clean(rollout_logprobs, mask, dtype)
+            rmask = mask & ~demo[:, None]
+            if old is None or old_is_current:
+                tis = (rlp, rmask, float(cap))  # type: ignore[assignment]
+            else:
+                share = rmask / rmask.sum().clamp(min=1)
+                log_w = torch.where(rmask, old - rlp, 0.0)  # type: ignore[operator]
+                tis = torch.where(rmask, log_w.exp().clamp(max=cap), 1.0)
+                row_metrics["tis/trunc_frac"] = (share * (log_w.exp() > cap)).sum(dim=1)
+                row_metrics["tis/mismatch"] = (share * log_w.abs()).sum(dim=1)
+
+        value_coef = None
+        if returns is not None:
+            critic = self.settings.critic or CriticSettings()
+            n_critic = (length * critic_rows).sum().clamp(min=1)
+            value_coef = critic.coef * critic_rows.to(dtype) / n_critic
+
+        # one synchronisation for every count the metrics mix and every term's liveness
+        summary = torch.stack(counts + [(c != 0).any().to(dtype) for c in coef]).tolist() if coef else []
+        n_tok, live = summary[: len(coef)], [bool(x) for x in summary[len(coef) :]]
+        shares = self._shares(n_tok)
+        if "adv_mean" in shares:
+            parts = [
+                s * row_metrics[f"adv_mean/{t.name}"]
+                for s, t in zip(shares["adv_mean"], self.terms, strict=True)
+            ]
+            row_metrics["adv_mean"] = torch.stack(parts).sum(dim=0)
+        return Prepared(
+            response_mask=mask, coef=coef, adv=advs, tok=toks, live=live, shares=shares,
+            row_metrics=row_metrics,
+            old_logprobs=old, ref_logprobs=_clean(ref_logprobs, mask, dtype), old_is_current=old_is_current,
+            returns=returns, old_values=vals if returns is not None else None, value_coef=value_coef, tis=tis,
+            stats=stats, weights=weights,
+        )  # fmt: skip
+
+    def _shares(self, n_tok: list[float]) -> dict[str, list[float]]:
+        """For each overall metric, the weight of each term's value: its share of the active
+        tokens among the terms that define the metric (0 for the others)."""
+        defines = {
+            "clip_frac": [t.spec.mask.name != "none" for t in self.terms],
+            "ratio_mean": [t.spec.denom != "pi_theta" for t in self.terms],
+            "kl": [t.spec.kl is not None for t in self.terms],
+            "entropy": [True for _ in self.terms],
+            "adv_mean": [True for _ in self.terms],
+        }
+        out: dict[str, list[float]] = {}
+        for name, flags in defines.items():
+            if any(flags):
+                total = sum(n for n, f in zip(n_tok, flags, strict=True) if f)
+                out[name] = [n / total if f and total else 0.0 for n, f in zip(n_tok, flags, strict=True)]
+        return out
+
+    # ----- one micro-batch ---------------------------------------------------------------
+
+    def loss(
+        self,
+        prep: Prepared,
+        *,
+        logprobs: Tensor,
+        rows: Rows = None,
+        entropy: Tensor | None = None,
+        values: Tensor | None = None,
+    ) -> LossOutput:
+        """The loss of the rows ``rows`` of the prepared mini-batch (all rows when None).
+
+        logprobs: (b, T) log pi_theta of the taken tokens of these rows, with gradient (finite
+        everywhere; padding may hold any finite value). The micro-batch may drop trailing
+        padding columns (T' <= T). entropy: (b, T) per-token entropy, needed for an entropy
+        bonus and reported whenever passed. values: (b, T) new critic values (adv=gae).
+        """
+        idx = slice(None) if rows is None else rows
+        mask = prep.response_mask[idx]
+        width = logprobs.shape[-1]
+        if logprobs.dim() != 2 or logprobs.shape[0] != mask.shape[0] or width > mask.shape[1]:
+            raise ValueError(f"logprobs has shape {tuple(logprobs.shape)}; the rows need {tuple(mask.shape)}")
+        if width < mask.shape[1]:
+            if bool(mask[:, width:].any()):
+                raise ValueError(f"logprobs has {width} columns; these rows have response tokens beyond them")
+            mask = mask[:, :width]
+        if entropy is None and any(t.spec.entropy for t in self.terms):
+            raise ValueError("this estimator has an entropy bonus: pass `entropy` (per-token entropy (b, T))")
+        lp, dt = logprobs, logprobs.dtype
+
+        def take(x: Tensor) -> Tensor:
+            """rows ``idx`` of a prepared tensor, cut to the micro-batch's columns, in lp's dtype."""
+            x = x[idx]
+            return (x[:, :width] if x.dim() == 2 and x.shape[1] > 1 else x).to(dt)
+
+        old = (
+            lp.detach()
+            if prep.old_is_current
+            else None
+            if prep.old_logprobs is None
+            else take(prep.old_logprobs)
+        )
+        ref = None if prep.ref_logprobs is None else take(prep.ref_logprobs)
+        if entropy is not None:
+            entropy = torch.where(mask, entropy, 0.0)
+        mf = mask.to(dt)
+        weight, metrics = mf, {}
+        if isinstance(prep.tis, Tensor):
+            weight = mf * take(prep.tis)
+        elif prep.tis is not None:
+            weight, metrics = self._live_tis(prep.tis, idx, width, lp, old, mf)
+
+        total: Tensor | None = None
+        per_term: dict[str, dict[str, Tensor]] = {}
+        for k, term in enumerate(self.terms):
+            if not prep.live[k]:
+                metrics[f"loss/{term.name}"] = torch.zeros((), dtype=dt, device=lp.device)
+                continue
+            t = TokenInputs(lp, old, mask, take(prep.adv[k]))
+            obj, clipped, rho, kl = term.objective(t, ref, entropy)
+            contrib = -((obj * weight).sum(dim=1) * take(prep.coef[k])).sum()
+            total = contrib if total is None else total + contrib
+            metrics[f"loss/{term.name}"] = contrib.detach()
+            per_term[term.name] = self._term_metrics(take(prep.tok[k]), mask, mf, clipped, rho, kl, entropy,
+                                                     term.spec.denom != "pi_theta")  # fmt: skip
+            for key, v in per_term[term.name].items():
+                metrics[f"{key}/{term.name}"] = v
+        if total is None:  # no term has a token: exactly 0, with a zero gradient path
+            total = lp[:, :0].sum()
+        for key, shares in prep.shares.items():
+            parts = [
+                s * per_term[t.name][key]
+                for s, t in zip(shares, self.terms, strict=True)
+                if s and key in per_term.get(t.name, {})
+            ]
+            if parts:
+                metrics[key] = torch.stack(parts).sum()
+        for key, share in prep.row_metrics.items():
+            metrics[key] = share[idx].sum()
+        value_loss = None
+        if values is not None and prep.returns is not None:
+            value_loss = self._value_loss(prep, take, values, mf)
+            metrics["value_loss"] = value_loss.detach()
+        metrics["loss"] = total.detach()
+        return LossOutput(loss=total, metrics=metrics, value_loss=value_loss)
+
+    @staticmethod
+    @torch.no_grad()
+    def _term_metrics(
+        tok: Tensor, mask: Tensor, mf: Tensor, clipped: Tensor | None, rho: Tensor, kl: Tensor | None,
+        entropy: Tensor | None, has_ratio: bool,
+    ) -> dict[str, Tensor]:  # fmt: skip
+        """Token means over the term's active tokens: sum_i tok_i * sum_t m_{i,t} x_{i,t}."""
+        out = {}
+        if clipped is not None:
+            out["clip_frac"] = ((clipped & mask).sum(dim=1) * tok).sum()
+        if has_ratio:
+            out["ratio_mean"] = ((rho * mf).sum(dim=1) * tok).sum()
+        if kl is not None:
+            out["kl"] = (kl.sum(dim=1) * tok).sum()  # kl is 0 off the response
+        if entropy is not None:
+            out["entropy"] = (entropy.sum(dim=1) * tok).sum()
+        return out
+
+    @staticmethod
+    @torch.no_grad()
+    def _live_tis(
+        tis: tuple[Tensor, Tensor, float], idx: slice | Tensor, width: int, lp: Tensor, old: Tensor | None,
+        mf: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+        """Truncated IS weights min(pi_old / pi_rollout, C) when pi_old is the live policy."""
+        rlp, rmask, cap = tis
+        rm = rmask[idx][:, :width]
+        base = lp.detach() if old is None else old
+        log_w = torch.where(rm, base - rlp[idx][:, :width].to(lp.dtype), 0.0)
+        n = rmask.sum().clamp(min=1)
+        metrics = {
+            "tis/trunc_frac": (rm & (log_w.exp() > cap)).sum() / n,
+            "tis/mismatch": log_w.abs().sum() / n,
+        }
+        return mf * torch.where(rm, log_w.exp().clamp(max=cap), 1.0), metrics
+
+    def _value_loss(
+        self, prep: Prepared, take: Callable[[Tensor], Tensor], values: Tensor, mf: Tensor
+    ) -> Tensor:
+        """coef * sum_i v_i * sum_t m 0.5 max((V - G)^2, (V_old + clip(V - V_old, -eps, eps) - G)^2)   (PPO),
+        G the GAE returns, v_i = [critic row] / N_critic (a token mean over the critic's tokens)."""
+        eps = (self.settings.critic or CriticSettings()).value_clip
+        ret = take(prep.returns).to(values.dtype)  # type: ignore[arg-type]
+        v_old = take(prep.old_values).to(values.dtype)  # type: ignore[arg-type]
+        v_clip = v_old + (values - v_old).clamp(-eps, eps)
+        vf = 0.5 * torch.maximum((values - ret) ** 2, (v_clip - ret) ** 2)
+        return ((vf * mf.to(values.dtype)).sum(dim=1) * take(prep.value_coef).to(values.dtype)).sum()  # type: ignore[arg-type]
+
+    # ----- one shot ----------------------------------------------------------------------
+
+    def __call__(
+        self,
+        *,
+        logprobs: Tensor,
+        response_mask: Tensor,
+        old_logprobs: Tensor | None = None,
+        ref_logprobs: Tensor | None = None,
+        rewards: Tensor | None = None,
+        group_ids: Tensor | None = None,
+        is_demo: Tensor | None = None,
+        values: Tensor | None = None,
+        entropy: Tensor | None = None,
+        rollout_logprobs: Tensor | None = None,
+        step: int = 0,
+    ) -> LossOutput:
+        """prepare + loss over the whole batch in one call (``values`` also serve as the old values)."""
+        prep = self.prepare(
+            response_mask=response_mask, rewards=rewards, group_ids=group_ids, is_demo=is_demo,
+            old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+            values=None if values is None else values.detach(), rollout_logprobs=rollout_logprobs, step=step,
+        )  # fmt: skip
+        return self.loss(prep, logprobs=logprobs, entropy=entropy, values=values)
+
+
+def _rows(which: str, demo: Tensor) -> Tensor:
+    """The rows ``on=`` / ``group=`` selects."""
+    if which == "rollouts":
+        return ~demo
+    if which == "demos":
+        return demo.clone()
+    return torch.ones_like(demo)
+
+
+def _clean(x: Tensor | None, mask: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """x on response tokens, 0 elsewhere (padding may hold anything, even inf or NaN)."""
+    if x is None:
+        return None
+    return torch.where(mask, x.to(device=mask.device, dtype=dtype), 0.0)
