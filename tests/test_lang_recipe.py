@@ -325,3 +325,9 @@ def test_the_language_reference_covers_every_keyword_and_code() -> None:
         assert f"| {code} |" in doc, code
     for name in STATS + tuple(PRELUDE_NAMES):
         assert f"`{name}`" in doc, name
+
+
+def test_an_override_reaches_a_user_constant_that_shadows_the_prelude() -> None:
+    text = "let gamma = 0.5\nloss = if acc > gamma then grpo else sft"
+    r = load_recipe(text=text, overrides=["gamma=0.25"])
+    assert isinstance(r.loss, Gate) and r.loss.branches[0][0] == Compare(">", Stat("acc"), Const(0.25))

@@ -128,7 +128,7 @@ class Checker:
 
     def run(self, module: ast.Module) -> LossExpr | None:
         """Bind every ``let``, then evaluate the (single) loss; None if it has errors."""
-        self._apply_prelude_overrides()
+        self._apply_prelude_overrides({s.name for s in module.stmts if isinstance(s, ast.Let)})
         self.define(module)
         self._unused_overrides()
         losses = [s for s in module.stmts if isinstance(s, ast.LossStmt)]
@@ -215,10 +215,10 @@ class Checker:
             )
         return value
 
-    def _apply_prelude_overrides(self) -> None:
+    def _apply_prelude_overrides(self, redefined: set[str]) -> None:
         for name in list(self.overrides):
             b = self.scope.get(name)
-            if b is not None and b.pos.src == PRELUDE:
+            if b is not None and b.pos.src == PRELUDE and name not in redefined:
                 self.scope[name] = Binding(self._override(name, b.value), b.pos)
 
     def _unused_overrides(self) -> None:

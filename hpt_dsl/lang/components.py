@@ -154,7 +154,7 @@ VOCAB: dict[str, dict[str, Form]] = {
             (2,),
             ("gamma", "lambda"),
             "generalised advantage estimation over a critic's values",
-            "Â_t = Σ_l (γλ)^l δ_{t+l},  δ_t = r_t + γV_{t+1} − V_t",
+            "Â_t = Σ_l (γλ)^l δ_{t+l},  δ_t = R_t + γV_{t+1} − V_t",
             _UNIT,
             "Schulman et al. 2016 (GAE)",
         ),

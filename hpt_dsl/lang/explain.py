@@ -312,10 +312,7 @@ def formula(s: EstimatorSpec) -> dict[str, str]:
         members = "rollouts and demonstration" if s.group == "rollouts+demos" else "rollouts"
         where.append(f"G = the {members} of the same question")
     if s.adv.name == "gae":
-        where.append(
-            VOCAB["adv"]["gae"].formula.replace("Â_t = ", "Â_t = ") + f", γ = {num(s.adv.args[0])}, "
-            f"λ = {num(s.adv.args[1])}"
-        )
+        where.append(VOCAB["adv"]["gae"].formula + f", γ = {num(s.adv.args[0])}, λ = {num(s.adv.args[1])}")
     out = {"gradient": "∇ℓ_t = " + " · ".join(factors), "where": "; ".join(where)}
     agg = VOCAB["agg"][s.agg.name]
     out["aggregate"] = agg.formula + (f", L = {num(s.agg.args[0])}" if s.agg.args else "")
