@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from hpt_dsl.rollout.base import Rollout
 
 
 @dataclass
@@ -92,3 +95,65 @@ def pad_right(seqs: Sequence[Sequence[float]], pad: float, dtype: torch.dtype) -
             vals[i, : len(s)] = torch.as_tensor(list(s), dtype=dtype)
             mask[i, : len(s)] = 1.0
     return vals, mask
+
+
+def build_train_batch(
+    prompts: Sequence[Sequence[int]],
+    rollouts: Sequence[Rollout],
+    rollout_rewards: Sequence[float],
+    demos: Sequence[Sequence[int] | None],
+    demo_rewards: Sequence[float],
+    pad_id: int,
+) -> TrainBatch:
+    """One row per rollout, then one per demonstration, grouped by question index.
+
+    ``prompts[i]`` and ``demos[i]`` belong to question i (``demos[i]`` None when it has no
+    demonstration); ``rollouts[j].prompt_index`` says whose rollout j is.
+    """
+    p_rows: list[Sequence[int]] = []
+    r_rows: list[Sequence[int]] = []
+    lp_rows: list[Sequence[float]] = []
+    group: list[int] = []
+    demo_flag: list[bool] = []
+    rewards: list[float] = []
+    for r, reward in zip(rollouts, rollout_rewards, strict=True):
+        p_rows.append(prompts[r.prompt_index])
+        r_rows.append(r.token_ids)
+        lp_rows.append(r.logprobs)
+        group.append(r.prompt_index)
+        demo_flag.append(False)
+        rewards.append(reward)
+    for i, (demo, reward) in enumerate(zip(demos, demo_rewards, strict=True)):
+        if demo is None:
+            continue
+        p_rows.append(prompts[i])
+        r_rows.append(demo)
+        lp_rows.append([0.0] * len(demo))
+        group.append(i)
+        demo_flag.append(True)
+        rewards.append(reward)
+    prompt_ids, prompt_mask = pad_left(p_rows, pad_id)
+    response_ids, response_mask = pad_right(r_rows, pad_id, torch.long)
+    rollout_lp, _ = pad_right(lp_rows, 0.0, torch.float32)
+    return TrainBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        group_ids=torch.tensor(group, dtype=torch.long),
+        is_demo=torch.tensor(demo_flag, dtype=torch.bool),
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        rollout_logprobs=rollout_lp if rollouts else None,
+    )
+
+
+def used_rows(prep: Any) -> Tensor:
+    """Indices of the rows the prepared loss gives any weight: a row whose every term
+    coefficient is 0 (a gated-out question's rollouts, an unused demonstration) and that
+    trains no critic contributes nothing, and its forward pass is skipped."""
+    used = torch.zeros(prep.batch_size, dtype=torch.bool, device=prep.response_mask.device)
+    for c in prep.coef:
+        used |= c != 0
+    if prep.value_coef is not None:
+        used |= prep.value_coef != 0
+    return torch.nonzero(used, as_tuple=False).squeeze(1).cpu()

@@ -1,0 +1,267 @@
+"""The plain PyTorch learner: AdamW, a learning-rate schedule, gradient accumulation.
+
+One ``update`` is one optimizer step over one optimizer mini-batch:
+
+    rows  = the rows the loss gives weight (``used_rows(prep)``), sorted by length
+    for each micro-batch of ``train.micro_batch`` rows (padding trimmed to its own width):
+        logprobs, entropy = token_logprobs(policy(prompt + response) / tau)
+        out = program.loss(prep, logprobs, rows, entropy, values=critic(...))
+        (out.loss + out.value_loss).backward()      # micro-batch losses sum to the full loss
+    g = clip_grad_norm(policy, train.grad_clip)      # skip everything if not finite
+    optimizer.step(); scheduler.step()
+
+The reference model (a frozen copy of the starting policy) exists only when the recipe has
+a KL term; the critic (the policy's backbone with a scalar value head, its own AdamW at
+``critic.lr``) only for ``adv=gae``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import Tensor, nn
+
+from hpt_dsl.batch import TrainBatch, used_rows
+from hpt_dsl.learner.base import Learner, UpdateResult
+from hpt_dsl.logprob import token_logprobs
+from hpt_dsl.recipe import Recipe
+from hpt_dsl.settings import CriticSettings, TrainSettings
+
+
+def lr_lambda(train: TrainSettings, total_updates: int) -> Any:
+    """The schedule's multiplier of ``train.lr`` after ``s`` optimizer steps:
+
+    constant: 1;  warmup: min(1, (s + 1) / W);  cosine: warmup, then 0.5 (1 + cos(pi p)),
+    p = (s - W) / (total - W) the progress after warm-up.
+    """
+    W = max(train.warmup_steps, 0)
+
+    def f(s: int) -> float:
+        if train.schedule == "constant":
+            return 1.0
+        warm = min(1.0, (s + 1) / W) if W else 1.0
+        if train.schedule == "warmup" or s < W:
+            return warm
+        p = min(1.0, (s - W) / max(1, total_updates - W))
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+
+    return f
+
+
+class ValueModel(nn.Module):
+    """A critic: the policy's transformer body and a scalar head, V(prefix) per position."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.body = copy.deepcopy(policy.get_decoder() if hasattr(policy, "get_decoder") else policy.model)
+        hidden = policy.config.hidden_size
+        self.head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        h = self.body(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return self.head(h).squeeze(-1)
+
+
+def _inputs(mb: TrainBatch, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, position_ids) of prompt + response rows."""
+    ids = torch.cat([mb.prompt_ids, mb.response_ids], dim=1).to(device)
+    mask = torch.cat([mb.prompt_mask, (mb.response_mask > 0).long()], dim=1).to(device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids, mask, pos
+
+
+class TorchLearner(Learner):
+    """Owns the policy, its AdamW and schedule; the reference model and critic when needed."""
+
+    def __init__(self, recipe: Recipe, model: Any, tokenizer: Any) -> None:
+        s = recipe.settings
+        self.settings = s
+        self.tokenizer = tokenizer
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.temperature = s.rollout.temperature
+        self.with_entropy = recipe.needs.entropy
+        self.autocast = s.learner.precision == "bf16"
+        t = s.train
+        self.total_updates = t.steps * t.mini_batches * t.epochs
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, self.total_updates))
+        self.ref = None
+        if recipe.needs.ref_model:
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        self.critic: ValueModel | None = None
+        self.critic_optimizer = None
+        if recipe.needs.critic:
+            c = s.critic or CriticSettings()
+            self.critic = ValueModel(model).to(self.device)
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=c.lr, betas=tuple(t.betas))
+        self.model.train()
+
+    # ----- forward passes ---------------------------------------------------------------------
+
+    def _logprobs(self, model: nn.Module, mb: TrainBatch, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """(b, T) log pi(response token | prefix) at temperature tau, and the entropy."""
+        ids, mask, pos = _inputs(mb, self.device)
+        T = mb.response_ids.shape[1]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T + 1
+            ).logits[:, :-1]
+        return token_logprobs(logits, mb.response_ids.to(self.device), self.temperature, with_entropy)
+
+    def _values(self, mb: TrainBatch) -> Tensor:
+        """(b, T) critic values V(prompt + response[:t]) for every response token t."""
+        assert self.critic is not None
+        ids, mask, pos = _inputs(mb, self.device)
+        P = mb.prompt_ids.shape[1]
+        T = mb.response_ids.shape[1]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            v = self.critic(ids, mask, pos)
+        return v[:, P - 1 : P - 1 + T].float()
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch, which: Literal["policy", "ref"] = "policy") -> Tensor:
+        model = self.model if which == "policy" else self.ref
+        if model is None:
+            raise RuntimeError("this recipe has no reference model (no KL term)")
+        return self._no_grad_pass(batch, lambda mb: self._logprobs(model, mb, False)[0])
+
+    @torch.no_grad()
+    def values(self, batch: TrainBatch) -> Tensor:
+        if self.critic is None:
+            raise RuntimeError("this recipe has no critic (no adv=gae)")
+        return self._no_grad_pass(batch, self._values)
+
+    def _no_grad_pass(self, batch: TrainBatch, fn: Any) -> Tensor:
+        B, T = batch.response_ids.shape
+        out = torch.zeros(B, T, dtype=torch.float32)
+        for idx in self._micro_batches(batch, torch.arange(B)):
+            mb = batch.select(idx)
+            x = fn(mb).float().cpu()
+            out[idx, : x.shape[1]] = x * mb.response_mask
+        return out
+
+    def _micro_batches(self, batch: TrainBatch, rows: Tensor) -> list[Tensor]:
+        """``rows`` sorted by length, in chunks of ``train.micro_batch`` (less padding)."""
+        if rows.numel() == 0:
+            return []
+        lengths = batch.prompt_mask[rows].sum(1) + batch.response_mask[rows].sum(1)
+        order = rows[torch.argsort(lengths, descending=True, stable=True)]
+        size = self.settings.train.micro_batch
+        return [order[i : i + size] for i in range(0, order.numel(), size)]
+
+    # ----- one optimizer step ----------------------------------------------------------------
+
+    def update(self, batch: TrainBatch, program: Any, prep: Any) -> UpdateResult:
+        rows = used_rows(prep)
+        metrics: dict[str, float] = {}
+        total = torch.zeros((), dtype=torch.float64)
+        tokens = 0
+        for idx in self._micro_batches(batch, rows):
+            mb = batch.select(idx)
+            lp, ent = self._logprobs(self.model, mb, self.with_entropy)
+            values = self._values(mb) if self.critic is not None else None
+            rows_idx = idx.to(prep.response_mask.device)
+            out = program.loss(prep, logprobs=lp, rows=rows_idx, entropy=ent, values=values)
+            loss = out.loss if out.value_loss is None else out.loss + out.value_loss
+            if loss.requires_grad:
+                loss.backward()
+            total += out.loss.detach().double().cpu()
+            tokens += mb.n_tokens
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v)
+        for k, share in prep.row_metrics.items():  # batch shares over every row, used or not
+            metrics[k] = float(share.sum())
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.train.grad_clip)
+        finite = bool(torch.isfinite(total)) and bool(torch.isfinite(grad_norm))
+        if self.critic is not None:
+            critic_norm = nn.utils.clip_grad_norm_(self.critic.parameters(), self.settings.train.grad_clip)
+            finite = finite and bool(torch.isfinite(critic_norm))
+            metrics["critic_grad_norm"] = float(critic_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.critic_optimizer is not None:
+                self.critic_optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.critic_optimizer is not None:
+            self.critic_optimizer.zero_grad(set_to_none=True)
+        metrics["rows_used"] = float(rows.numel())
+        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        return UpdateResult(metrics=metrics, grad_norm=float(grad_norm), skipped=not finite, tokens=tokens)
+
+    def named_parameters(self) -> Iterable[tuple[str, Tensor]]:
+        return self.model.named_parameters()
+
+    # ----- state ------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        save_model(self.model, str(path / "policy.safetensors"))
+        _save_optimizer(self.optimizer, path / "optimizer")
+        (path / "scheduler.json").write_text(json.dumps(_scheduler_state(self.scheduler)))
+        if self.critic is not None and self.critic_optimizer is not None:
+            save_model(self.critic, str(path / "critic.safetensors"))
+            _save_optimizer(self.critic_optimizer, path / "critic_optimizer")
+
+    def load(self, path: Path) -> None:
+        load_model(self.model, str(path / "policy.safetensors"), device=str(self.device))
+        _load_optimizer(self.optimizer, path / "optimizer")
+        self.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+        if self.critic is not None and self.critic_optimizer is not None:
+            load_model(self.critic, str(path / "critic.safetensors"), device=str(self.device))
+            _load_optimizer(self.critic_optimizer, path / "critic_optimizer")
+
+    def save_pretrained(self, path: Path) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def _scheduler_state(scheduler: Any) -> dict[str, Any]:
+    """The scheduler's plain state (the lambda itself is rebuilt from the settings)."""
+    state = scheduler.state_dict()
+    state.pop("lr_lambdas", None)
+    return state
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, stem: Path) -> None:
+    """Optimizer state as ``stem.safetensors`` (tensors) + ``stem.json`` (everything else)."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, stem: Path) -> None:
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    tensors = load_file(str(stem.with_suffix(".safetensors")))
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    for pid, st in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(st)
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
