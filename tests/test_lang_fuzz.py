@@ -4,6 +4,7 @@ recipe), never another exception."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from hpt_dsl.lang import RecipeError, analyse, load_recipe
 from hpt_dsl.lang.diagnostics import Diagnostic
+from hpt_dsl.lang.explain import explain
 from hpt_dsl.lang.load import decode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +64,8 @@ def outcome_is_clean(text: str) -> None:
         d.render()
         d.to_dict()
     assert (out.recipe is None) == any(d.is_error for d in out.diagnostics)
+    if out.recipe is not None:
+        json.dumps(explain(out.recipe))
 
 
 @st.composite

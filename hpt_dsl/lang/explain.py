@@ -109,6 +109,11 @@ def match_recipe(recipe: Recipe) -> dict[str, Any]:
             return {"algorithm": name, "description": PAPERS.get(name, name)}
     if isinstance(loss, Gate):
         return _match_gate(loss, recipe.settings)
+    if isinstance(loss, Zero):
+        return {"algorithm": None, "description": "the empty loss: nothing is learned"}
+    if isinstance(loss, Sum) and any(isinstance(i, Scale) and _stats(i.coef) for i in loss.items):
+        soft = "a soft gate: estimators weighted by per-question statistics"
+        return {"algorithm": None, "description": soft}
     return {"algorithm": None, "description": "a weighted combination of estimators"}
 
 
