@@ -7,9 +7,9 @@ For logits z of shape (B, T, V), targets y (B, T) and temperature tau, with x = 
 
 The naive ``log_softmax(z.float()).gather(...)`` keeps a float32 (B, T, V) tensor alive
 for the backward pass and allocates two more in it; with a 150k vocabulary this is the
-learner's memory peak. Here the rows are processed in chunks: the forward pass keeps
-only the per-token logsumexp, and the backward pass recomputes each chunk's softmax and
-writes the gradient
+learner's memory peak. Here the tokens are processed in chunks: the forward pass keeps
+nothing of size V (one fused log-softmax per chunk, then the gather), and the backward
+pass recomputes each chunk's softmax and writes the gradient
 
     d/dz_{t,v} = ( g_t * (onehot(y_t)_v - p_{t,v})  +  h_t * (-p_{t,v} (log p_{t,v} + H_t)) ) / tau
 
@@ -41,52 +41,53 @@ def _blocks(B: int, T: int, rows: int) -> Iterator[tuple[slice, slice]]:
                 yield slice(b, b + 1), slice(t, t + rows)
 
 
-def _scaled(z: Tensor, temperature: float) -> tuple[Tensor, bool]:
-    """(z / tau in float32 (float64 for float64 z), whether it is a fresh buffer we may overwrite)."""
-    x = z if z.dtype in (torch.float32, torch.float64) else z.float()
-    fresh = x is not z
-    if temperature != 1.0:
-        x = x.div_(temperature) if fresh else x / temperature
-        fresh = True
-    return x, fresh
+def _work(z: Tensor, tau: float) -> tuple[Tensor, torch.dtype]:
+    """(z / tau, the float dtype to compute in: float64 for float64 logits, else float32)."""
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return (z if tau == 1.0 else z.to(dtype) / tau), dtype
 
 
-def _forward_block(
-    z: Tensor, y: Tensor, tau: float, with_entropy: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(log pi(y), logsumexp, entropy or None) of one block; its work space dies on return."""
-    x, _ = _scaled(z, tau)
-    m = torch.logsumexp(x, dim=-1)
-    lp = x.gather(-1, y[..., None]).squeeze(-1) - m
+def _forward_block(z: Tensor, y: Tensor, tau: float, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """(log pi(y), entropy or None) of one block, from one fused log-softmax; its work space
+    dies on return."""
+    x, dtype = _work(z, tau)
+    logp = torch.log_softmax(x, dim=-1, dtype=dtype)
+    lp = logp.gather(-1, y[..., None]).squeeze(-1)
     if not with_entropy:
-        return lp, m, None
-    logp = x - m[..., None]
-    return lp, m, -(logp.exp() * logp).sum(-1)  # -sum p log p: no cancellation between large terms
+        return lp, None
+    return lp, -(logp.exp() * logp).sum(-1)  # -sum p log p
 
 
 def _backward_block(
     z: Tensor,
     y: Tensor,
     tau: float,
-    lse: Tensor,
     ent: Tensor | None,
     g_lp: Tensor | None,
     g_ent: Tensor | None,
-) -> Tensor:
-    """d loss / d z for one block:  (g (onehot - p) - h p (log p + H)) / tau."""
-    x, fresh = _scaled(z, tau)
-    logp = x.sub_(lse[..., None]) if fresh else x - lse[..., None]
-    gl = None if g_lp is None else g_lp[..., None]
-    if g_ent is not None and ent is not None:
+    out: Tensor,
+) -> None:
+    """Write d loss / d z of one block into ``out``:  (g (onehot - p) - h p (log p + H)) / tau,
+    with the softmax recomputed by one fused kernel."""
+    x, dtype = _work(z, tau)
+    gl = None if g_lp is None else g_lp[..., None].to(dtype)
+    if g_ent is None or ent is None:
+        if out.dtype == dtype:  # work in the gradient itself: no buffer at all
+            d = torch.softmax(x, dim=-1, dtype=dtype, out=out).mul_(-gl)  # -g p
+        else:
+            d = torch.softmax(x, dim=-1, dtype=dtype).mul_(-gl)
+    else:
+        logp = torch.log_softmax(x, dim=-1, dtype=dtype)
         p = logp.exp()
         d = logp.add_(ent[..., None]).mul_(p).mul_(-g_ent[..., None])  # -h p (log p + H)
         if gl is not None:
             d.sub_(p.mul_(gl))
-    else:
-        d = logp.exp_().mul_(-gl)  # -g p, in the one work buffer
     if gl is not None:
-        d.scatter_add_(-1, y[..., None], gl.to(d.dtype))
-    return d.div_(tau) if tau != 1.0 else d
+        d.scatter_add_(-1, y[..., None], gl)
+    if tau != 1.0:
+        d.div_(tau)
+    if d.data_ptr() != out.data_ptr():
+        out.copy_(d)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -97,14 +98,13 @@ class _TokenLogprobs(torch.autograd.Function):
         B, T, _ = logits.shape
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         lp = torch.empty(B, T, dtype=out_dtype, device=logits.device)
-        lse = torch.empty_like(lp)
         ent = torch.empty_like(lp) if with_entropy else lp.new_empty(0)
         for bs, ts in _blocks(B, T, rows):
-            lp_b, lse_b, ent_b = _forward_block(logits[bs, ts], targets[bs, ts], temperature, with_entropy)
-            lp[bs, ts], lse[bs, ts] = lp_b, lse_b
+            lp_b, ent_b = _forward_block(logits[bs, ts], targets[bs, ts], temperature, with_entropy)
+            lp[bs, ts] = lp_b
             if ent_b is not None:
                 ent[bs, ts] = ent_b
-        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.save_for_backward(logits, targets, ent)
         ctx.temperature, ctx.rows, ctx.with_entropy = temperature, rows, with_entropy
         ctx.set_materialize_grads(False)
         return lp, ent
@@ -113,21 +113,21 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(
         ctx: Any, g_lp: Tensor | None, g_ent: Tensor | None
     ) -> tuple[Tensor | None, None, None, None, None]:
-        logits, targets, lse, ent = ctx.saved_tensors
-        grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        logits, targets, ent = ctx.saved_tensors
         if g_lp is None and g_ent is None:
-            return grad, None, None, None, None
+            return torch.zeros_like(logits), None, None, None, None
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # every block is written
         B, T, _ = logits.shape
         use_ent = g_ent is not None and ctx.with_entropy
         for bs, ts in _blocks(B, T, ctx.rows):
-            grad[bs, ts] = _backward_block(
+            _backward_block(
                 logits[bs, ts],
                 targets[bs, ts],
                 ctx.temperature,
-                lse[bs, ts],
                 ent[bs, ts] if use_ent else None,
                 None if g_lp is None else g_lp[bs, ts],
                 g_ent[bs, ts] if use_ent else None,
+                out=grad[bs, ts],
             )
         return grad, None, None, None, None
 
