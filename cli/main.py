@@ -37,6 +37,10 @@ from hpt_dsl.cli.plot import plot_command  # noqa: E402
 app.command("compare")(compare_command)
 app.command("plot")(plot_command)
 
+from hpt_dsl.cli.run import run_command  # noqa: E402
+
+app.command("run")(run_command)
+
 
 def main() -> None:
     app()

@@ -1,0 +1,71 @@
+"""``hpt-dsl run RECIPE``: post-train with the recipe's estimator, end to end.
+
+Exit codes: 0 done, 1 the recipe has errors, 2 bad input (a missing model, data file or
+run folder, a bad --set), 3 stopped on a fault (too many non-finite steps; the last good
+checkpoint is kept), 130 interrupted (a checkpoint was saved; continue with --resume).
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import typer
+from hpt_dsl.cli.check import SET_HELP, print_diagnostics
+from rich.console import Console
+
+from hpt_dsl.lang.load import analyse
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (exit 2), imported lazily."""
+    from hpt_dsl import hub, models
+    from hpt_dsl.data.files import DataError
+    from hpt_dsl.data.verify import RewardError
+    from hpt_dsl.train import SetupError
+
+    return (models.ModelError, hub.ModelError, DataError, RewardError, SetupError, FileNotFoundError)
+
+
+def run_command(
+    recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe file (.hpt)"),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="run folder (default runs/<recipe>-<time>)"
+    ),
+    resume: Path | None = typer.Option(None, "--resume", metavar="RUN_DIR", help="continue this run folder"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no live view, no summary"),
+    json_logs: bool = typer.Option(False, "--json-logs", help="print each metrics line as JSON on stdout"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Train: rollouts, rewards, gates, updates, evaluation, checkpoints, final model."""
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    checked = analyse(recipe, overrides=overrides)
+    if checked.recipe is None:
+        print_diagnostics(console, checked.diagnostics)
+        raise typer.Exit(2 if checked.usage else 1)
+    if resume is not None and output is not None and resume != output:
+        console.print("[red]error:[/red] give either --resume RUN_DIR or --output DIR, not both")
+        raise typer.Exit(2)
+    from hpt_dsl.train import RunFault, RunInterrupted, SetupError, default_run_dir, train
+
+    r = checked.recipe
+    run_dir = resume or output or (Path(r.settings.train.output_dir) if r.settings.train.output_dir else None)
+    run_dir = run_dir or default_run_dir(r)
+    try:
+        if resume is not None and not resume.is_dir():
+            raise SetupError(f"--resume {resume}: no such run folder")
+        result = train(r, run_dir, resume=resume is not None, quiet=quiet, json_logs=json_logs)
+    except RunInterrupted as e:
+        console.print(f"[yellow]{e}[/yellow]")
+        raise typer.Exit(130) from None
+    except RunFault as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(3) from None
+    except _bad_input_errors() as e:
+        if debug:
+            traceback.print_exc()
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if not quiet and not json_logs:
+        console.print(f"run folder: {result.run_dir}")

@@ -1,0 +1,469 @@
+"""The training loop, and only the loop.
+
+One step:
+
+    questions  = the next train.questions questions (a seeded permutation per pass)
+    rollouts   = engine.generate(prompts, n = rollout.n)             (not for pure SFT)
+    rewards    = reward(decoded rollout, answer); demos scored too     (verifier, 0/1)
+    batch      = rollout rows + demonstration rows, grouped by question
+    prep       = program.prepare(...)  -> per-question stats, gate weights, advantages
+    log-probs  = pi_old (only when epochs > 1, mini_batches > 1 or engine log-probs are
+                 not used), pi_ref (only with a KL term), critic values (only adv=gae),
+                 each only over the rows the loss gives weight
+    update     = learner.update(mini-batch, program, prep) for each epoch and mini-batch
+    sync       = engine.load_weights(learner.named_parameters())
+    then metrics, a periodic evaluation on the held-out split, a periodic checkpoint.
+
+``run_recipe`` wraps it: load the recipe, prepare the run folder, resume, report.
+Exit conditions are exceptions the command line maps to exit codes: ``RunFault`` (3: too
+many non-finite steps in a row) and ``RunInterrupted`` (130: Ctrl-C, after a checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpt_dsl import checkpoint as ckpt
+from hpt_dsl.batch import TrainBatch, build_train_batch, used_rows
+from hpt_dsl.data import Task, load_task
+from hpt_dsl.data.verify import score_batch
+from hpt_dsl.prompting import PromptCache
+from hpt_dsl.recipe import Recipe
+from hpt_dsl.report import Reporter, truncate_metrics
+from hpt_dsl.rollout.base import SamplingParams
+
+
+class RunFault(RuntimeError):
+    """The run stopped on a fault; the last good checkpoint is intact (exit code 3)."""
+
+
+class RunInterrupted(RuntimeError):
+    """Ctrl-C: a checkpoint was saved (exit code 130)."""
+
+
+class SetupError(ValueError):
+    """Bad input found before training starts: a run folder, a resume target (exit code 2)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    wall_s: float
+    first_eval: dict[str, Any] | None
+    last_eval: dict[str, Any] | None
+
+
+# ----- question order -------------------------------------------------------------------
+
+
+def step_questions(n_train: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Train question indices of ``step``: consecutive slices of a seeded permutation per
+    pass over the data, so the order is a function of (seed, step) and resume needs no state."""
+    out: list[int] = []
+    pos = step * per_step
+    while len(out) < per_step:
+        epoch, offset = divmod(pos, n_train)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n_train, generator=g).tolist()
+        take = perm[offset : offset + per_step - len(out)]
+        out += take
+        pos += len(take)
+    return out
+
+
+# ----- one step ---------------------------------------------------------------------------
+
+
+class Trainer:
+    """The loop's state: recipe, program, model, engine, learner, data, run folder."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, reporter: Reporter) -> None:
+        from hpt_dsl.estimator import compile_recipe
+        from hpt_dsl.learner.base import make_learner
+        from hpt_dsl.models import load_model
+        from hpt_dsl.rollout.base import make_rollout_engine
+
+        self.recipe = recipe
+        self.s = recipe.settings
+        self.needs = recipe.needs
+        self.run_dir = run_dir
+        self.reporter = reporter
+        self.program = compile_recipe(recipe)
+        self.task: Task = load_task(self.s)
+        if not self.task.train:
+            raise SetupError(f"data.train '{self.s.data.train}' has no questions; give a file with rows")
+        torch.manual_seed(self.s.train.seed)
+        model, self.tokenizer = load_model(self.s.model, self.s.train.seed, run_dir)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        self.prompts = PromptCache(self.tokenizer, self.s.model)
+        self.learner = make_learner(recipe, model, self.tokenizer)
+        self.engine = make_rollout_engine(self.s, self.learner.model, self.tokenizer)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.demo_rewards: dict[int, float] = {}
+        self.bad_steps = 0
+
+    # ----- data of one step --------------------------------------------------------------------
+
+    def _batch(self, step: int) -> tuple[TrainBatch, dict[str, float]]:
+        s, needs = self.s, self.needs
+        t0 = time.perf_counter()
+        idx = step_questions(len(self.task.train), s.train.questions, step, s.train.seed)
+        questions = [self.task.train[i] for i in idx]
+        prompts = [self.prompts.prompt(q) for q in questions]
+        rollouts = []
+        if needs.rollouts:
+            params = SamplingParams(
+                n=s.rollout.n,
+                temperature=s.rollout.temperature,
+                top_p=s.rollout.top_p,
+                top_k=s.rollout.top_k,
+                max_new_tokens=s.rollout.max_new_tokens,
+                seed=s.train.seed * 1_000_003 + step,
+            )
+            rollouts = self.engine.generate(prompts, params)
+        t1 = time.perf_counter()
+        texts = [self.tokenizer.decode(list(r.token_ids), skip_special_tokens=True) for r in rollouts]
+        answers = [questions[r.prompt_index].answer for r in rollouts]
+        rewards = score_batch(self.task.reward_fn, texts, answers)
+        demos = [self.prompts.demo(q) if needs.demos else None for q in questions]
+        demo_rewards = [
+            self._demo_reward(q) if d is not None else 0.0 for q, d in zip(questions, demos, strict=True)
+        ]
+        batch = build_train_batch(prompts, rollouts, rewards, demos, demo_rewards, self.pad_id)
+        t2 = time.perf_counter()
+        gen_tokens = sum(len(r.token_ids) for r in rollouts)
+        n = max(len(rollouts), 1)
+        info = {
+            "reward/mean": sum(rewards) / n if rollouts else 0.0,
+            "acc": sum(r >= 0.5 for r in rewards) / n if rollouts else 0.0,
+            "response_length": gen_tokens / n if rollouts else 0.0,
+            "truncated": sum(r.finish_reason == "length" for r in rollouts) / n if rollouts else 0.0,
+            "demos": float(sum(d is not None for d in demos)),
+            "tokens_per_s": gen_tokens / (t1 - t0) if rollouts and t1 > t0 else 0.0,
+            "time/rollout": t1 - t0,
+            "time/reward": t2 - t1,
+        }
+        return batch, info
+
+    def _demo_reward(self, q: Any) -> float:
+        if q.id not in self.demo_rewards:
+            self.demo_rewards[q.id] = float(score_batch(self.task.reward_fn, [q.demo], [q.answer])[0])
+        return self.demo_rewards[q.id]
+
+    def _prepare(self, batch: TrainBatch, step: int, **passes: Any) -> Any:
+        return self.program.prepare(
+            response_mask=batch.response_mask,
+            rewards=batch.rewards,
+            group_ids=batch.group_ids,
+            is_demo=batch.is_demo,
+            rollout_logprobs=batch.rollout_logprobs,
+            step=step,
+            **passes,
+        )
+
+    def _passes(self, batch: TrainBatch, step: int, old_is_current: bool) -> dict[str, Any]:
+        """The no-grad passes the recipe needs, over the rows its loss uses only."""
+        s, needs = self.s, self.needs
+        want_old = needs.old_logprobs and not old_is_current
+        if not (want_old or needs.ref_model or needs.critic):
+            return {"old_is_current": old_is_current}
+        zeros = torch.zeros_like(batch.response_mask)
+        # which rows carry weight does not depend on these passes: find them with placeholders
+        probe = self._prepare(
+            batch, step, old_logprobs=zeros, ref_logprobs=zeros, values=zeros, old_is_current=old_is_current
+        )
+        rows = used_rows(probe)
+        sub = batch.select(rows)
+
+        def scatter(x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros_like(batch.response_mask)
+            out[rows, : x.shape[1]] = x
+            return out
+
+        passes: dict[str, Any] = {"old_is_current": old_is_current}
+        if want_old:
+            if s.rollout.old_logprobs == "engine" and batch.rollout_logprobs is not None:
+                passes["old_logprobs"] = batch.rollout_logprobs
+            else:
+                passes["old_logprobs"] = scatter(self.learner.logprobs(sub, "policy"))
+        if needs.ref_model:
+            passes["ref_logprobs"] = scatter(self.learner.logprobs(sub, "ref"))
+        if needs.critic:
+            passes["values"] = scatter(self.learner.values(sub))
+        return passes
+
+    def _mini_batches(self, batch: TrainBatch, step: int, epoch: int) -> list[torch.Tensor]:
+        """Row indices of each optimizer mini-batch: whole questions (advantage groups stay
+        together), shuffled per epoch from the seed."""
+        k = self.s.train.mini_batches
+        groups = torch.unique(batch.group_ids)
+        if k == 1:
+            return [torch.arange(len(batch))]
+        g = torch.Generator().manual_seed(self.s.train.seed * 7919 + step * 31 + epoch)
+        order = groups[torch.randperm(groups.numel(), generator=g)]
+        return [
+            torch.nonzero(torch.isin(batch.group_ids, part), as_tuple=False).squeeze(1)
+            for part in order.chunk(k)
+            if part.numel()
+        ]
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One step (see the module docstring); returns its metrics line."""
+        s = self.s
+        start = time.perf_counter()
+        batch, info = self._batch(step)
+        t_batch = time.perf_counter()
+        single = s.train.epochs == 1 and s.train.mini_batches == 1
+        old_is_current = single and s.rollout.old_logprobs == "learner"
+        passes = self._passes(batch, step, old_is_current)
+        t_passes = time.perf_counter()
+        metrics: dict[str, float] = {}
+        grad_norms, skipped, n_updates = [], False, 0
+        for epoch in range(s.train.epochs):
+            for rows in self._mini_batches(batch, step, epoch):
+                sub = batch if rows.numel() == len(batch) else _rows(batch, rows)
+                sub_passes = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in passes.items()}
+                prep = self._prepare(sub, step, **sub_passes)
+                res = self.learner.update(sub, self.program, prep)
+                n_updates += 1
+                grad_norms.append(res.grad_norm)
+                skipped |= res.skipped
+                for k, v in res.metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + v
+        metrics = {k: v / n_updates for k, v in metrics.items()}
+        self.engine.load_weights(self.learner.named_parameters())
+        end = time.perf_counter()
+        row: dict[str, Any] = {"step": step + 1, "kind": "train"}
+        row.update(metrics)
+        row.update(info)
+        row.update(
+            {
+                "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+                "skipped": skipped,
+                "rows": len(batch),
+                "time/logprob": t_passes - t_batch,
+                "time/update": end - t_passes,
+                "time/step": end - start,
+            }
+        )
+        return row
+
+    # ----- evaluation -----------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, Any] | None:
+        from hpt_dsl.evaluate import evaluate
+
+        if not self.task.test:
+            return None
+        s = self.s
+        params = SamplingParams(
+            n=s.train.eval_n,
+            temperature=s.eval.temperature,
+            top_p=s.eval.top_p,
+            max_new_tokens=s.eval.max_new_tokens or s.rollout.max_new_tokens,
+            seed=s.train.seed + 12345,
+        )
+        reward = self.task.reward_fn
+        if s.eval.reward is not None and s.data.train != "arith":
+            from hpt_dsl.data.verify import make_reward
+
+            reward = make_reward(s.data.model_copy(update={"reward": s.eval.reward}))
+        return evaluate(
+            self.engine,
+            self.tokenizer,
+            self.task.test,
+            reward,
+            s.train.eval_n,
+            params,
+            encode=lambda q: self.prompts.prompt(q, "test"),
+            batch_questions=256,
+        )
+
+    def close(self) -> None:
+        self.engine.close()
+        self.learner.close()
+
+
+def _rows(batch: TrainBatch, rows: torch.Tensor) -> TrainBatch:
+    """The rows of a mini-batch, full width (prepare and the learner trim per micro-batch)."""
+    return TrainBatch(
+        **{
+            f: (None if getattr(batch, f) is None else getattr(batch, f)[rows])
+            for f in batch.__dataclass_fields__  # type: ignore[attr-defined]
+        }
+    )
+
+
+# ----- the run --------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """SIGINT sets a flag the loop checks between steps; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
+            self._old = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    name = Path(recipe.path).name.removesuffix(".hpt") if recipe.path else "run"
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _write_run_json(run_dir: Path, recipe: Recipe, **extra: Any) -> None:
+    path = run_dir / "run.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(
+        {
+            "label": Path(recipe.path).name.removesuffix(".hpt"),
+            "recipe": recipe.path,
+            "seed": recipe.settings.train.seed,
+            "loss": {name: spec.components() for name, spec in recipe.estimators.items()},
+            "needs": recipe.needs.__dict__,
+            "settings": recipe.settings.model_dump(mode="json"),
+        }
+    )
+    data.update(extra)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def train(
+    recipe: Recipe, run_dir: Path, resume: bool = False, quiet: bool = False, json_logs: bool = False
+) -> RunResult:
+    """Run ``recipe`` into ``run_dir`` (continuing its latest checkpoint when ``resume``)."""
+    s = recipe.settings
+    started = time.perf_counter()
+    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    if not resume and run_dir.exists() and (run_dir / "metrics.jsonl").exists():
+        raise SetupError(
+            f"run folder {run_dir} already holds a run; use --resume {run_dir} or another --output"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.source:
+        (run_dir / "recipe.hpt").write_text(recipe.source)
+    _write_run_json(run_dir, recipe, completed=False)
+    reporter = Reporter(run_dir, s.train.steps, quiet=quiet, json_logs=json_logs)
+    trainer = Trainer(recipe, run_dir, reporter)
+    start_step, elapsed_before = 0, 0.0
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, trainer.learner)
+        trainer.engine.load_weights(trainer.learner.named_parameters())
+        start_step, trainer.bad_steps = state["step"], state.get("bad_steps", 0)
+        elapsed_before = state.get("elapsed", 0.0)
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        reporter.message(f"resumed from {latest.name} (step {start_step})")
+    elif resume:
+        truncate_metrics(run_dir / "metrics.jsonl", -1)
+
+    def save(step: int) -> None:
+        elapsed = elapsed_before + time.perf_counter() - started
+        ckpt.save_checkpoint(
+            run_dir, step, trainer.learner, {"bad_steps": trainer.bad_steps, "elapsed": elapsed}
+        )
+
+    try:
+        with reporter, _StopFlag() as stop:
+            reporter.start_at(start_step)
+            if start_step == 0:
+                ev = trainer.evaluate()
+                if ev is not None:
+                    reporter.evaluation(0, ev)
+            for step in range(start_step, s.train.steps):
+                row = trainer.train_step(step)
+                row["time"] = elapsed_before + time.perf_counter() - started
+                reporter.step(row)
+                done = step + 1
+                if row["skipped"]:
+                    trainer.bad_steps += 1
+                    reporter.message(f"step {done}: non-finite loss or gradient norm; update skipped")
+                    if trainer.bad_steps >= s.train.max_bad_steps:
+                        last = ckpt.latest_checkpoint(run_dir)
+                        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+                        raise RunFault(
+                            f"stopped after {trainer.bad_steps} non-finite steps in a row at step {done}; "
+                            f"{where}. Fix: lower train.lr or train.grad_clip, then --resume {run_dir}"
+                        )
+                    continue
+                trainer.bad_steps = 0
+                final = done == s.train.steps
+                if s.train.eval_every and done % s.train.eval_every == 0 or final:
+                    ev = trainer.evaluate()
+                    if ev is not None:
+                        reporter.evaluation(done, ev)
+                if final or (s.train.save_every and done % s.train.save_every == 0) or stop.set:
+                    save(done)
+                if stop.set:
+                    raise RunInterrupted(
+                        f"interrupted at step {done}; checkpoint saved, resume with --resume {run_dir}"
+                    )
+            final_dir = run_dir / "final-model"
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            trainer.learner.save_pretrained(final_dir)
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"interrupted; resume from the last checkpoint with --resume {run_dir}"
+        ) from None
+    finally:
+        trainer.close()
+    wall = elapsed_before + time.perf_counter() - started
+    _write_run_json(
+        run_dir,
+        recipe,
+        completed=True,
+        wall_s=wall,
+        final_eval=reporter.last_eval or None,
+        first_eval=reporter.first_eval,
+    )
+    reporter.summary(run_dir, wall, {"run folder": str(run_dir), "final model": str(run_dir / "final-model")})
+    return RunResult(run_dir, s.train.steps, wall, reporter.first_eval, reporter.last_eval or None)
+
+
+def run_recipe(
+    recipe_path: str | Path,
+    overrides: list[str] | None = None,
+    output: Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    json_logs: bool = False,
+) -> RunResult:
+    """Load the recipe (with ``--set`` overrides) and train it; ``output`` (or the recipe's
+    ``train.output_dir``, or ``runs/<recipe>-<timestamp>``) is the run folder."""
+    from hpt_dsl.lang import load_recipe
+
+    recipe = load_recipe(Path(recipe_path), overrides=overrides or [])
+    if output is None and recipe.settings.train.output_dir:
+        output = Path(recipe.settings.train.output_dir)
+    run_dir = Path(output) if output is not None else default_run_dir(recipe)
+    if resume and not run_dir.is_dir():
+        raise SetupError(f"--resume {run_dir}: no such run folder")
+    return train(recipe, run_dir, resume=resume, quiet=quiet, json_logs=json_logs)
