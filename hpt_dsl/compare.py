@@ -243,7 +243,8 @@ def summarize(runs: Sequence[RunData]) -> list[Row]:
             means = [(sum(c[s] for c in curves) / len(curves), s) for s in shared]
             best = max(means, key=lambda t: (t[0], -t[1]))
             row.best_acc, row.best_step = best
-        walls = [float(r.info["seconds"]) for r in g if isinstance(r.info.get("seconds"), (int, float))]
+        walls = [float(w) for w in (r.info.get("wall_s", r.info.get("seconds")) for r in g)
+                 if isinstance(w, (int, float))]
         row.wall_s = sum(walls) / len(walls) if walls else None
         tps = [v for r in g for v in runfiles.step_series(r, "tokens_per_s").values()]
         row.tokens_per_s = sum(tps) / len(tps) if tps else None

@@ -232,7 +232,7 @@ def plot_runs(
             stats = [mean_std([f[k] for f in finals]) for k in ks]
             band = [s for _, s in stats] if len(finals) > 1 else None
             pk.append(Curve(label, [float(k) for k in ks], [m for m, _ in stats], band))
-    pk = [c for c in pk if c.x]
+    pk = [c for c in pk if len(c.x) > 1]  # pass@1 alone is the accuracy figure
     paths += line_figure(pk, f"pass@k of the final evaluation{band_note}", "k (samples per question)",
                          "pass@k", out, "pass_at_k", formats, ylim=(-0.02, 1.02), logx2=True)
     return paths

@@ -99,7 +99,7 @@ def load_run(path: Path, label: str | None = None) -> RunData:
 
 def _read_info(path: Path) -> dict[str, Any]:
     """Name and seed of the run from its resolved settings when it wrote them."""
-    for name in ("run.json", "resolved.json", "config.json"):
+    for name in ("run.json",):
         f = path / name
         if f.exists():
             try:
@@ -109,7 +109,8 @@ def _read_info(path: Path) -> dict[str, Any]:
             if isinstance(data, dict):
                 seed = data.get("seed", data.get("settings", {}).get("train", {}).get("seed"))
                 label = data.get("label") or data.get("recipe_name") or data.get("name")
-                return {"seed": seed, "label": label, **{k: v for k, v in data.items() if k == "completed"}}
+                keep = {k: data[k] for k in ("completed", "wall_s") if k in data}
+                return {"seed": seed, "label": label, **keep}
     return {}
 
 
@@ -171,13 +172,15 @@ def final_pass_at_k(run: RunData) -> dict[int, float]:
 
 
 def gate_shares(runs: list[RunData]) -> tuple[list[float], dict[str, list[float]]]:
-    """(steps, {branch: mean share over runs}) from ``gate/<branch>`` keys."""
+    """(steps, {branch: mean share over runs}) from ``gate/<branch>`` keys (deeper keys such
+    as ``gate/<branch>/nonfinite`` are diagnostics, not branches)."""
     per_run = []
     for r in runs:
         series: dict[str, dict[float, float]] = {}
         for row in r.steps:
             for k, v in row.items():
-                if k.startswith("gate/") and isinstance(v, (int, float)) and "step" in row:
+                branch = k.startswith("gate/") and k.count("/") == 1
+                if branch and isinstance(v, (int, float)) and "step" in row:
                     series.setdefault(k[5:], {})[float(row["step"])] = float(v)
         if series:
             per_run.append(series)
@@ -195,6 +198,6 @@ def loss_terms(run: RunData) -> list[str]:
     seen: dict[str, None] = {}
     for row in run.steps:
         for k, v in row.items():
-            if (k == "loss" or k.startswith("loss/")) and isinstance(v, (int, float)):
+            if (k == "loss" or (k.startswith("loss/") and k.count("/") == 1)) and isinstance(v, (int, float)):
                 seen[k] = None
     return list(seen)
