@@ -6,10 +6,13 @@ quantity x whose gradient the estimator follows, and the ratio rho that masks te
     pi_theta    x = log pi_theta               rho = 1        grad x = grad(pi_theta) / pi_theta
     pi_old      x = r = pi_theta / pi_old      rho = r        grad x = grad(pi_theta) / pi_old
     1           x = pi_theta                   rho = pi_theta grad x = grad(pi_theta)
-    pi_old_seq  x = sg(s_i) * pi_theta / sg(pi_theta)         rho = s_i   (GSPO)
+    pi_old_seq  x = s_i                                       rho = s_i   (GSPO)
                 s_i = exp( sum_t m_t (log pi_theta - log pi_old) / |y_i| ), the length-normalised
-                sequence ratio; x has the value s_i and grad x = s_i * grad log pi_theta
-                (GSPO-token form, identical to GSPO's gradient when A_hat is per sequence).
+                sequence ratio, one per row: d s_i / d log pi_theta(y_t) = s_i / |y_i|.
+                With per-token advantages or per-token weights (TIS) the GSPO-token form
+                x = sg(s_i) * pi_theta / sg(pi_theta) is used instead (value s_i, gradient
+                s_i * grad log pi_theta per token); for a per-row A_hat and uniform token
+                weights the two give the same loss and the same gradient.
 
 rho is always detached (it is only compared and clamped).
 """
@@ -29,13 +32,16 @@ class TokenInputs:
     """One micro-batch as the token-level components see it.
 
     lp: (b, T) log pi_theta, with gradient;  old: (b, T) log pi_old or None;
-    mask: (b, T) bool response mask;  adv: (b, 1) or (b, T) A_hat (no gradient).
+    mask: (b, T) bool response mask;  adv: (b, 1) or (b, T) A_hat (no gradient);
+    length: (b, 1) response lengths;  uniform: every token of a row has the same weight.
     """
 
     lp: Tensor
     old: Tensor | None
     mask: Tensor
     adv: Tensor
+    length: Tensor
+    uniform: bool = True
 
     def need_old(self, what: str) -> Tensor:
         if self.old is None:
@@ -45,10 +51,8 @@ class TokenInputs:
     def seq_ratio(self) -> Tensor:
         """s_i = exp( sum_t m_t (lp_t - old_t) / max(|y_i|, 1) ), shape (b, 1), with gradient."""
         old = self.need_old("a sequence ratio")
-        m = self.mask
-        diff = torch.where(m, self.lp - old, 0.0)
-        length = m.sum(dim=1, keepdim=True).clamp(min=1)
-        return torch.exp(diff.sum(dim=1, keepdim=True) / length)
+        diff = torch.where(self.mask, self.lp - old, 0.0)
+        return torch.exp(diff.sum(dim=1, keepdim=True) / self.length.clamp(min=1))
 
 
 @dataclass
@@ -66,7 +70,7 @@ class Likelihood:
 @register("denom", "pi_theta")
 def pi_theta(t: TokenInputs) -> Likelihood:
     """x = log pi_theta, rho = 1."""
-    return Likelihood(t.lp, torch.ones_like(t.lp.detach()), x_is_rho=False)
+    return Likelihood(t.lp, t.lp.new_ones(()).expand_as(t.lp), x_is_rho=False)
 
 
 @register("denom", "pi_old")
@@ -85,6 +89,9 @@ def one(t: TokenInputs) -> Likelihood:
 
 @register("denom", "pi_old_seq")
 def pi_old_seq(t: TokenInputs) -> Likelihood:
-    """x = sg(s_i) * exp(lp - sg(lp)), rho = s_i (GSPO's length-normalised sequence ratio)."""
+    """x = rho = s_i (GSPO's length-normalised sequence ratio), (b, 1); or its token form."""
+    if t.adv.shape[1] == 1 and t.uniform:
+        s = t.seq_ratio()
+        return Likelihood(s, s.detach(), sequence=True)
     s = t.seq_ratio().detach()
     return Likelihood(s * torch.exp(t.lp - t.lp.detach()), s.expand_as(t.lp), sequence=True)

@@ -11,6 +11,9 @@ A = A_hat, the likelihood quantity x, its ratio rho (see denom.py) and the shapi
     dual_clip(lo,hi,c) as clip, and for A < 0 the objective is floored at c * A (zero gradient there)
     cispo(hi)          J = sg(min(rho, 1 + hi)) * A * log pi_theta                       (CISPO)
     seq_clip(lo, hi)   as clip, with rho replaced by the sequence ratio s_i                (GSPO)
+
+J may be (b, 1), one value per row, when x is a sequence-level quantity. A mask that never
+differentiates x sets ``uses_x = False`` and gets x without a graph.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ def cispo(t: TokenInputs, lik: Likelihood, f: Shape, hi: float) -> MaskOut:
     """J = sg(min(rho, 1 + hi)) * A * log pi_theta: every token keeps a gradient, its
     importance weight is truncated and detached."""
     return lik.rho.clamp(max=1 + hi) * t.adv * t.lp, lik.rho > 1 + hi
+
+
+cispo.uses_x = False  # type: ignore[attr-defined]
 
 
 @register("mask", "seq_clip")

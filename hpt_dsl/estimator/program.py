@@ -52,7 +52,11 @@ class CompiledTerm:
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """(J, clipped tokens, rho, kl) for one micro-batch: J is the per-token objective
         (the token loss is -J), mask(denom, adv, grad) - kl_coef * kl + entropy_coef * H."""
-        lik = self.denom(t)
+        if getattr(self.mask, "uses_x", True):
+            lik = self.denom(t)
+        else:
+            with torch.no_grad():
+                lik = self.denom(t)
         obj, clipped = self.mask(t, lik, self.shape, *self.spec.mask.args)
         kl = None
         if self.kl is not None and self.spec.kl is not None and ref is not None:
@@ -220,8 +224,8 @@ class LossProgram:
         device = response_mask.device
         floats = [x for x in (old_logprobs, ref_logprobs, values, rollout_logprobs, rewards) if x is not None]
         dtype = torch.float64 if any(x.dtype == torch.float64 for x in floats) else torch.float32
-        mask = response_mask != 0
-        length = mask.sum(dim=1).to(dtype)
+        mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
+        length = mask.sum(dim=1, dtype=dtype)
         demo = (
             torch.zeros(B, dtype=torch.bool, device=device) if is_demo is None else is_demo.to(device).bool()
         )
@@ -231,8 +235,12 @@ class LossProgram:
             uniq, group = torch.unique(group_ids.to(device), return_inverse=True)
             n_groups = int(uniq.numel())
         R = torch.zeros(B, dtype=dtype, device=device) if rewards is None else rewards.to(device, dtype)
-        old = _clean(old_logprobs, mask, dtype)
-        vals = _clean(values, mask, dtype)
+        specs = [t.spec for t in self.terms]
+        uses_old = any(s.denom in ("pi_old", "pi_old_seq") or s.mask.name == "seq_clip" for s in specs)
+        tis_cap = self.settings.rollout.tis_cap if rollout_logprobs is not None else None
+        old = _clean(old_logprobs, mask, dtype) if uses_old or tis_cap is not None else None
+        vals = _clean(values, mask, dtype) if any(s.adv.name == "gae" for s in specs) else None
+        ref = _clean(ref_logprobs, mask, dtype) if any(s.kl is not None for s in specs) else None
         stats = question_stats(R, group, n_groups, ~demo, step)
         rows_per_q = torch.zeros(n_groups, dtype=dtype, device=device).index_add(0, group, torch.ones_like(R))
         question_share = 1.0 / (rows_per_q[group] * max(n_groups, 1))  # sums to 1 over all rows
@@ -271,7 +279,7 @@ class LossProgram:
             row_metrics[f"branch/{br.label}"] = question_share * (br.taken(stats) != 0)[group]
 
         tis: Tensor | tuple[Tensor, Tensor, float] | None = None
-        cap = self.settings.rollout.tis_cap
+        cap = tis_cap
         if cap is not None and rollout_logprobs is not None:
             rlp = _clean(rollout_logprobs, mask, dtype)
             rmask = mask & ~demo[:, None]
@@ -303,7 +311,7 @@ class LossProgram:
         return Prepared(
             response_mask=mask, coef=coef, adv=advs, tok=toks, live=live, shares=shares,
             row_metrics=row_metrics,
-            old_logprobs=old, ref_logprobs=_clean(ref_logprobs, mask, dtype), old_is_current=old_is_current,
+            old_logprobs=old, ref_logprobs=ref, old_is_current=old_is_current,
             returns=returns, old_values=vals if returns is not None else None, value_coef=value_coef, tis=tis,
             stats=stats, weights=weights,
         )  # fmt: skip
@@ -372,25 +380,27 @@ class LossProgram:
         if entropy is not None:
             entropy = torch.where(mask, entropy, 0.0)
         mf = mask.to(dt)
+        length = mf.sum(dim=1, keepdim=True)
         weight, metrics = mf, {}
         if isinstance(prep.tis, Tensor):
             weight = mf * take(prep.tis)
         elif prep.tis is not None:
             weight, metrics = self._live_tis(prep.tis, idx, width, lp, old, mf)
 
+        weight_sum = length if weight is mf else weight.sum(dim=1, keepdim=True)
         total: Tensor | None = None
         per_term: dict[str, dict[str, Tensor]] = {}
         for k, term in enumerate(self.terms):
             if not prep.live[k]:
                 metrics[f"loss/{term.name}"] = torch.zeros((), dtype=dt, device=lp.device)
                 continue
-            t = TokenInputs(lp, old, mask, take(prep.adv[k]))
+            t = TokenInputs(lp, old, mask, take(prep.adv[k]), length, uniform=weight is mf)
             obj, clipped, rho, kl = term.objective(t, ref, entropy)
-            contrib = -((obj * weight).sum(dim=1) * take(prep.coef[k])).sum()
+            contrib = -(_row_sum(obj, weight, weight_sum) * take(prep.coef[k])).sum()
             total = contrib if total is None else total + contrib
             metrics[f"loss/{term.name}"] = contrib.detach()
-            per_term[term.name] = self._term_metrics(take(prep.tok[k]), mask, mf, clipped, rho, kl, entropy,
-                                                     term.spec.denom != "pi_theta")  # fmt: skip
+            per_term[term.name] = self._term_metrics(take(prep.tok[k]), mask, mf, length, clipped, rho, kl,
+                                                     entropy, term.spec.denom != "pi_theta")  # fmt: skip
             for key, v in per_term[term.name].items():
                 metrics[f"{key}/{term.name}"] = v
         if total is None:  # no term has a token: exactly 0, with a zero gradient path
@@ -415,15 +425,18 @@ class LossProgram:
     @staticmethod
     @torch.no_grad()
     def _term_metrics(
-        tok: Tensor, mask: Tensor, mf: Tensor, clipped: Tensor | None, rho: Tensor, kl: Tensor | None,
-        entropy: Tensor | None, has_ratio: bool,
+        tok: Tensor, mask: Tensor, mf: Tensor, length: Tensor, clipped: Tensor | None, rho: Tensor,
+        kl: Tensor | None, entropy: Tensor | None, has_ratio: bool,
     ) -> dict[str, Tensor]:  # fmt: skip
         """Token means over the term's active tokens: sum_i tok_i * sum_t m_{i,t} x_{i,t}."""
         out = {}
         if clipped is not None:
-            out["clip_frac"] = ((clipped & mask).sum(dim=1) * tok).sum()
+            if clipped.shape[1] == 1:
+                out["clip_frac"] = (clipped[:, 0] * length[:, 0] * tok).sum()
+            else:
+                out["clip_frac"] = ((clipped & mask).sum(dim=1, dtype=tok.dtype) * tok).sum()
         if has_ratio:
-            out["ratio_mean"] = ((rho * mf).sum(dim=1) * tok).sum()
+            out["ratio_mean"] = (_row_sum(rho, mf, length) * tok).sum()
         if kl is not None:
             out["kl"] = (kl.sum(dim=1) * tok).sum()  # kl is 0 off the response
         if entropy is not None:
@@ -484,6 +497,14 @@ class LossProgram:
             values=None if values is None else values.detach(), rollout_logprobs=rollout_logprobs, step=step,
         )  # fmt: skip
         return self.loss(prep, logprobs=logprobs, entropy=entropy, values=values)
+
+
+def _row_sum(x: Tensor, weight: Tensor, weight_sum: Tensor) -> Tensor:
+    """sum_t weight_{i,t} x_{i,t} per row; x may be (b, 1), one value per row
+    (weight_sum = sum_t weight_{i,t}, (b, 1))."""
+    if x.shape[1] == 1:
+        return x[:, 0] * weight_sum[:, 0]
+    return (x * weight).sum(dim=1)
 
 
 def _rows(which: str, demo: Tensor) -> Tensor:
