@@ -241,7 +241,8 @@ class LossProgram:
         old = _clean(old_logprobs, mask, dtype) if uses_old or tis_cap is not None else None
         vals = _clean(values, mask, dtype) if any(s.adv.name == "gae" for s in specs) else None
         ref = _clean(ref_logprobs, mask, dtype) if any(s.kl is not None for s in specs) else None
-        stats = question_stats(R, group, n_groups, ~demo, step)
+        stats = question_stats(R, group, n_groups, ~demo, step) if self.stats_used else {}
+        shape_only = stats or {"n": torch.zeros(n_groups, dtype=dtype, device=device)}
         rows_per_q = torch.zeros(n_groups, dtype=dtype, device=device).index_add(0, group, torch.ones_like(R))
         question_share = 1.0 / (rows_per_q[group] * max(n_groups, 1))  # sums to 1 over all rows
 
@@ -249,9 +250,11 @@ class LossProgram:
         returns, critic_rows = None, torch.zeros(B, dtype=torch.bool, device=device)
         for term in self.terms:
             spec = term.spec
-            wq = term.weight(stats).to(dtype)
-            bad = ~torch.isfinite(wq)
-            wq = torch.where(bad, 0.0, wq)
+            wq = term.weight(shape_only).to(dtype)
+            if stats:  # a weight read from the statistics may be inf or NaN (1 / acc): it becomes 0
+                bad = ~torch.isfinite(wq)
+                wq = torch.where(bad, 0.0, wq)
+                row_metrics[f"gate/{term.name}/nonfinite"] = question_share * bad[group]
             weights[term.name] = wq
             w = wq[group]
             selected = _rows(spec.on, demo)
@@ -274,9 +277,8 @@ class LossProgram:
                 a_hat = a_hat[:, None]
             advs.append(a_hat)
             row_metrics[f"gate/{term.name}"] = question_share * (wq != 0)[group]
-            row_metrics[f"gate/{term.name}/nonfinite"] = question_share * bad[group]
         for br in self.branches:
-            row_metrics[f"branch/{br.label}"] = question_share * (br.taken(stats) != 0)[group]
+            row_metrics[f"branch/{br.label}"] = question_share * (br.taken(shape_only) != 0)[group]
 
         tis: Tensor | tuple[Tensor, Tensor, float] | None = None
         cap = tis_cap
@@ -302,7 +304,9 @@ class LossProgram:
         summary = torch.stack(counts + [(c != 0).any().to(dtype) for c in coef]).tolist() if coef else []
         n_tok, live = summary[: len(coef)], [bool(x) for x in summary[len(coef) :]]
         shares = self._shares(n_tok)
-        if "adv_mean" in shares:
+        if len(self.terms) == 1:
+            row_metrics["adv_mean"] = row_metrics[f"adv_mean/{self.terms[0].name}"]
+        elif self.terms:
             parts = [
                 s * row_metrics[f"adv_mean/{t.name}"]
                 for s, t in zip(shares["adv_mean"], self.terms, strict=True)
@@ -352,7 +356,7 @@ class LossProgram:
         bonus and reported whenever passed. values: (b, T) new critic values (adv=gae).
         """
         idx = slice(None) if rows is None else rows
-        mask = prep.response_mask[idx]
+        mask = prep.response_mask if rows is None else prep.response_mask[idx]
         width = logprobs.shape[-1]
         if logprobs.dim() != 2 or logprobs.shape[0] != mask.shape[0] or width > mask.shape[1]:
             raise ValueError(f"logprobs has shape {tuple(logprobs.shape)}; the rows need {tuple(mask.shape)}")
@@ -364,10 +368,15 @@ class LossProgram:
             raise ValueError("this estimator has an entropy bonus: pass `entropy` (per-token entropy (b, T))")
         lp, dt = logprobs, logprobs.dtype
 
+        cut = width < prep.response_mask.shape[1]
+
         def take(x: Tensor) -> Tensor:
             """rows ``idx`` of a prepared tensor, cut to the micro-batch's columns, in lp's dtype."""
-            x = x[idx]
-            return (x[:, :width] if x.dim() == 2 and x.shape[1] > 1 else x).to(dt)
+            if rows is not None:
+                x = x[idx]
+            if cut and x.dim() == 2 and x.shape[1] > 1:
+                x = x[:, :width]
+            return x if x.dtype == dt else x.to(dt)
 
         old = (
             lp.detach()
@@ -407,14 +416,16 @@ class LossProgram:
             total = lp[:, :0].sum()
         for key, shares in prep.shares.items():
             parts = [
-                s * per_term[t.name][key]
+                (s, per_term[t.name][key])
                 for s, t in zip(shares, self.terms, strict=True)
                 if s and key in per_term.get(t.name, {})
             ]
-            if parts:
-                metrics[key] = torch.stack(parts).sum()
+            if len(parts) == 1 and parts[0][0] == 1.0:
+                metrics[key] = parts[0][1]
+            elif parts:
+                metrics[key] = torch.stack([s * v for s, v in parts]).sum()
         for key, share in prep.row_metrics.items():
-            metrics[key] = share[idx].sum()
+            metrics[key] = (share if rows is None else share[idx]).sum()
         value_loss = None
         if values is not None and prep.returns is not None:
             value_loss = self._value_loss(prep, take, values, mf)
