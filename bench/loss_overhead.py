@@ -259,8 +259,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--estimators", nargs="+", default=list(HAND))
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--out", default=str(RESULTS / "loss_overhead.json"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     b = make_batch(args.batch, args.tokens, device)
     rows = []

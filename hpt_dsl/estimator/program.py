@@ -301,8 +301,13 @@ class LossProgram:
             value_coef = critic.coef * critic_rows.to(dtype) / n_critic
 
         # one synchronisation for every count the metrics mix and every term's liveness
-        summary = torch.stack(counts + [(c != 0).any().to(dtype) for c in coef]).tolist() if coef else []
-        n_tok, live = summary[: len(coef)], [bool(x) for x in summary[len(coef) :]]
+        nonfinite = [k for k in row_metrics if k.endswith("/nonfinite")]
+        flags = [(c != 0).any().to(dtype) for c in coef] + [row_metrics[k].sum() for k in nonfinite]
+        summary = torch.stack(counts + flags).tolist() if coef else []
+        n_tok, live = summary[: len(coef)], [bool(x) for x in summary[len(coef) : 2 * len(coef)]]
+        for key, total in zip(nonfinite, summary[2 * len(coef) :], strict=True):
+            if not total:  # reported only when some question's weight was not finite
+                del row_metrics[key]
         shares = self._shares(n_tok)
         if len(self.terms) == 1:
             row_metrics["adv_mean"] = row_metrics[f"adv_mean/{self.terms[0].name}"]
