@@ -268,9 +268,8 @@ def main() -> None:
     b = make_batch(args.batch, args.tokens, device)
     rows = []
     print(f"B={args.batch} T={args.tokens} device={device}: compiled / hand-written")
-    print(
-        f"{'estimator':>10} {'step ms':>16} {'x':>6} {'loss ms':>16} {'x':>6} {'peak MiB':>16} {'x':>6} {'|dgrad|':>8}"
-    )
+    head = ["estimator", "step ms", "x", "loss ms", "x", "peak MiB", "x", "|dgrad|"]
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, [10, 16, 6, 16, 6, 16, 6, 8], strict=True)))
     for name in args.estimators:
         fns = runners(name, b)
         diff = (fns["compiled_step"]() - fns["hand_step"]()).abs().max().item()
@@ -286,10 +285,11 @@ def main() -> None:
         row["loss_time_ratio"] = row["compiled_loss_ms"] / row["hand_loss_ms"]
         row["memory_ratio"] = mem_c / mem_h if mem_h else float("nan")
         rows.append(row)
+        r = row
         print(
-            f"{name:>10} {row['compiled_step_ms']:7.2f} /{row['hand_step_ms']:7.2f} {row['step_time_ratio']:6.2f}"
-            f" {row['compiled_loss_ms']:7.2f} /{row['hand_loss_ms']:7.2f} {row['loss_time_ratio']:6.2f}"
-            f" {row['compiled_peak_mib']:7.1f} /{row['hand_peak_mib']:7.1f} {row['memory_ratio']:6.2f} {diff:8.1e}"
+            f"{name:>10} {r['compiled_step_ms']:7.2f} /{r['hand_step_ms']:7.2f} {r['step_time_ratio']:6.2f}"
+            f" {r['compiled_loss_ms']:7.2f} /{r['hand_loss_ms']:7.2f} {r['loss_time_ratio']:6.2f}"
+            f" {r['compiled_peak_mib']:7.1f} /{r['hand_peak_mib']:7.1f} {r['memory_ratio']:6.2f} {diff:8.1e}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
