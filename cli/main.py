@@ -41,6 +41,10 @@ from hpt_dsl.cli.run import run_command  # noqa: E402
 
 app.command("run")(run_command)
 
+from hpt_dsl.cli.eval import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
+
 
 def main() -> None:
     app()

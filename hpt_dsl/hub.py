@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ALIASES", "ModelError", "cache_root", "load_pretrained", "resolve"]
 
-_RUN_SUBFOLDERS = ("final", "model", "checkpoint-final")
+_RUN_SUBFOLDERS = ("final-model", "final", "model")
 _MARKER = "hpt-dsl-source.json"
 
 
@@ -120,8 +120,7 @@ def _looks_like_path(name: str) -> bool:
 def resolve(name: str) -> str:
     """Turn ``settings.model.name`` into what ``from_pretrained`` takes: a folder or a hub id.
 
-    A run folder resolves to its final model (the first of ``final/``, ``model/`` that holds
-    a ``config.json``).
+    A run folder (``hpt-dsl run``'s output) resolves to its ``final-model/``.
     """
     if name in ALIASES:
         return str(ALIASES[name]())
@@ -133,8 +132,8 @@ def resolve(name: str) -> str:
             if (path / sub / "config.json").is_file():
                 return str(path / sub)
         raise ModelError(
-            f"model folder '{name}' has no config.json (nor final/config.json); "
-            "fix: point at a folder written by save_pretrained"
+            f"model folder '{name}' has no config.json (nor final-model/config.json, as a finished run "
+            "has); fix: point at a folder written by save_pretrained, or finish the run with --resume"
         )
     if path.exists() or _looks_like_path(name):
         raise ModelError(

@@ -59,8 +59,8 @@ def test_dtype(qwen_dir: Path) -> None:
 
 def test_run_folder_resolves_to_its_final_model(qwen_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "final").symlink_to(qwen_dir)
-    assert hub.resolve(str(tmp_path / "run")) == str(tmp_path / "run" / "final")
+    (tmp_path / "run" / "final-model").symlink_to(qwen_dir)
+    assert hub.resolve(str(tmp_path / "run")) == str(tmp_path / "run" / "final-model")
 
 
 def test_folder_without_config(tmp_path: Path) -> None:
