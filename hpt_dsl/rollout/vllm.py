@@ -90,10 +90,25 @@ def make_engine(settings: Settings, model: Any, tokenizer: Any) -> VLLMRolloutEn
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    if not any(_is_partitioned(p) for p in module.parameters()):
-        engine.load_weights(module.named_parameters())
-    # else: ZeRO-3 shards; the learner syncs gathered weights before the first rollouts.
+    try:
+        engine.load_weights(_full_parameters(module))
+    except BaseException:
+        engine.close()
+        raise
     return engine
+
+
+def _full_parameters(module: Any) -> Iterator[tuple[str, Tensor]]:
+    """``module.named_parameters()``, each ZeRO-3 partitioned one gathered in turn (never the
+    whole model at once)."""
+    for name, param in module.named_parameters():
+        if hasattr(param, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param]):
+                yield name, param.detach().clone()
+        else:
+            yield name, param
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -319,11 +334,6 @@ def _load_all(model: Any, named_tensors: Iterable[tuple[str, Tensor]]) -> set[st
 def _hf_names(named_tensors: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
     for name, tensor in named_tensors:
         yield name.removeprefix("module."), tensor.detach()
-
-
-def _is_partitioned(param: Any) -> bool:
-    """A ZeRO-3 parameter whose data lives in shards on other ranks."""
-    return hasattr(param, "ds_id") or param.numel() == 0
 
 
 def start_error(err: Exception, model_dir: Path, on_cpu: bool = False) -> RolloutEngineError:
