@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Iterable
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
+from click.testing import Result
 from hypothesis import given
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from hpt_dsl.data.base import Question
 from hpt_dsl.data.verify import make_reward
@@ -106,3 +111,74 @@ def test_evaluate_scores_every_sample_in_order() -> None:
     assert [c[0] for c in engine.calls] == [2, 2, 1]  # questions go in batches of 2
     assert all(p.n == 3 and p.temperature == 0.6 and p.top_p == 0.95 for _, p in engine.calls)
     assert len({p.seed for _, p in engine.calls}) == 3  # each batch draws with its own seed
+
+
+# ── hpt-dsl eval on a real (tiny, built-in) checkpoint ─────────────────────────
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from hpt_dsl.models import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+def _eval(*args: str) -> Result:
+    from hpt_dsl.cli.main import app
+
+    return CliRunner().invoke(app, ["eval", *args])
+
+
+def test_eval_command_writes_a_table_and_json(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    files = ["-d", str(DATA / "eval/gsm8k.jsonl"), "-d", str(DATA / "eval/luffy_valid_sample.parquet")]
+    result = _eval(str(tiny_dir), *files, "--max-questions", "3", "--k", "2", "--max-new-tokens", "8",
+                   "--reward", "boxed", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "gsm8k" in result.output and "avg@2" in result.output
+    assert "no checkpoint was selected" in result.output
+    res = json.loads(out.read_text())
+    assert list(res["benchmarks"]) == ["gsm8k", "aime", "math", "olympiad_bench", "amc", "minerva"]
+    assert res["sampling"] == {"k": 2, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8, "seed": 0,
+                               "engine": "hf"}
+    gsm = res["benchmarks"]["gsm8k"]
+    assert gsm["questions"] == 3 and gsm["k"] == 2 and len(gsm["correct"]) == 3
+    assert 0 <= gsm["avg@2"] <= gsm["pass@2"] <= 1
+    assert 0 < gsm["mean_response_tokens"] <= 8
+    assert res["benchmarks"]["amc"]["questions"] == 1  # the repeated AMC rows count once
+
+
+def test_eval_a_run_folder_uses_its_prompt_settings(tiny_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final-model").symlink_to(tiny_dir)
+    template = "Question: {question}\nAnswer: Let's think step by step."
+    settings = {"model": {"name": "tiny", "prompt_template": template}}
+    (run / "run.json").write_text(json.dumps({"settings": settings}))
+    result = _eval(str(run), "--data", str(DATA / "eval/aime25.jsonl"), "--max-questions", "2",
+                   "--max-new-tokens", "4", "--reward", "boxed", "--json")
+    assert result.exit_code == 0, result.output
+    res = json.loads((run / "eval.json").read_text())  # the default output of a run folder
+    assert res["checkpoint"] == str(run / "final-model")
+    assert res["prompt"]["prompt_template"] == template
+    assert res["benchmarks"]["aime25"]["questions"] == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["MODEL", "--data", "no/such/file.jsonl"], "data file no/such/file.jsonl does not exist"),
+        (["./no/such/model", "--data", "DATA"], "model './no/such/model' is not a folder"),
+        (["MODEL", "--data", "DATA", "--reward", "nope"], "data.reward = 'nope' is not a known reward"),
+        (["MODEL", "--data", "DATA", "--answer-key", "gold"], "no column 'gold'.*prompt, answer"),
+        (["MODEL", "--data", "DATA", "--dtype", "float8"], "dtype"),
+    ],
+)
+def test_eval_bad_input_exits_2_without_traceback(tiny_dir: Path, args: list[str], message: str) -> None:
+    where = {"MODEL": str(tiny_dir), "DATA": str(DATA / "eval/aime25.jsonl")}
+    result = _eval(*[where.get(a, a) for a in args])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output, re.S)
+    assert "Traceback" not in result.output
