@@ -1,0 +1,361 @@
+"""GRPO throughput on a CPU: hpt-dsl's ``recipes/grpo.hpt`` against TRL's ``GRPOTrainer``.
+
+    pip install -c constraints.txt -e ".[bench]"      # TRL, pinned
+    python bench/vs_trl.py                            # 2 rounds x 8 steps each, alternating
+    python bench/vs_trl.py --steps 12 --rounds 3 --threads 2
+
+The same work on both sides:
+
+* the same model: the built-in tiny model, first taught the answer format by a short
+  hpt-dsl SFT run (``recipes/sft.hpt``; a randomly initialised model never earns a reward,
+  so GRPO would have nothing to learn from), saved with ``save_pretrained`` and loaded from
+  that folder by both frameworks, with its tokenizer and chat template;
+* the same prompts (the built-in arithmetic task's train split, chat-templated; the script
+  checks that both frameworks build identical prompt token ids), the same reward function
+  (``hpt_dsl.data.arith.reward``: last ``\\boxed{}`` equals the answer);
+* the same GRPO: group size n, questions per step, completion length, temperature 1,
+  learning rate (constant), AdamW betas, gradient clipping, clip epsilon 0.2, group-normalised
+  advantages, no KL term, one update epoch, sequence-mean-token-mean aggregation (TRL's
+  ``loss_type="grpo"``), the same micro-batch (TRL: per-device batch + accumulation);
+* TRL with ``use_cpu=True``, ``use_vllm=False``, no gradient checkpointing, fp32, no hub access.
+
+Rounds alternate the order (hpt-dsl first, then TRL first, ...) so that a load that drifts
+over time (a shared machine) hits both alike. A step's time is from its start (sampling)
+to the end of its optimizer step (and, for hpt-dsl, the weight sync to its rollout
+engine); model loading and evaluation are excluded on both sides.
+
+Prints a table and writes ``bench/results/vs_trl.json``: steps/s, generated tokens/s, their
+ratio hpt-dsl / TRL, the reward of the first and last steps of each side (learning check:
+the mean reward of the last third of the steps is above that of the first third), and
+hpt-dsl's time split (rollout, reward, log-prob passes, update).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass
+class Side:
+    """One framework's measured steps over all rounds."""
+
+    name: str
+    step_s: list[float] = field(default_factory=list)
+    gen_tokens: list[int] = field(default_factory=list)
+    reward: list[list[float]] = field(default_factory=list)  # per round, per step
+    split: dict[str, float] = field(default_factory=dict)  # seconds summed over steps
+
+    @property
+    def steps_per_s(self) -> float:
+        return len(self.step_s) / sum(self.step_s)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.gen_tokens) / sum(self.step_s)
+
+    def learned(self) -> tuple[float, float, bool]:
+        """(mean reward of the first third of steps, of the last third, last > first)."""
+        k = max(1, min(len(r) for r in self.reward) // 3)
+        first = statistics.fmean(x for r in self.reward for x in r[:k])
+        last = statistics.fmean(x for r in self.reward for x in r[-k:])
+        return first, last, last > first
+
+
+# ----- the shared setup ----------------------------------------------------------------------
+
+
+def start_model(work: Path, warm_steps: int, threads: int) -> Path:
+    """The tiny model after ``warm_steps`` of hpt-dsl SFT; built once per work folder."""
+    from hpt_dsl.train import run_recipe
+
+    run = work / "warm-start"
+    final = run / "final-model"
+    if (final / "config.json").exists():
+        return final
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    print(f"teaching the answer format: {warm_steps} SFT steps (recipes/sft.hpt) ...", flush=True)
+    run_recipe(
+        ROOT / "recipes" / "sft.hpt",
+        overrides=[
+            f"train.steps={warm_steps}",
+            "train.eval_every=0",
+            "train.save_every=0",
+            "data.max_test=64",
+            "train.lr=3e-3",
+            "train.questions=32",
+        ],
+        output=run,
+        quiet=True,
+    )
+    return final
+
+
+def grpo_overrides(args: argparse.Namespace, model: Path, seed: int) -> list[str]:
+    return [
+        f"model.name={model}",
+        f"train.steps={args.steps}",
+        f"train.questions={args.questions}",
+        f"rollout.n={args.n}",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        f"train.lr={args.lr}",
+        f"train.micro_batch={args.micro_batch}",
+        f"train.seed={seed}",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "data.max_test=1",
+    ]
+
+
+def check_same_prompts(model: Path, questions: list[Any]) -> None:
+    """hpt-dsl's prompt ids == the ids TRL builds from a conversational prompt."""
+    from transformers import AutoTokenizer
+
+    from hpt_dsl.prompting import encode_prompt
+    from hpt_dsl.settings import ModelSettings
+
+    tok = AutoTokenizer.from_pretrained(model)
+    for q in questions[:32]:
+        ours = encode_prompt(tok, q.prompt, ModelSettings())
+        theirs = tok.apply_chat_template(
+            [[{"role": "user", "content": q.prompt}]],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"][0]
+        if list(theirs) != ours:
+            raise SystemExit(f"prompt ids differ for {q.prompt!r}: {ours} vs {list(theirs)}")
+
+
+# ----- hpt-dsl ----------------------------------------------------------------------------------
+
+
+def run_hpt(args: argparse.Namespace, model: Path, seed: int, work: Path, side: Side) -> None:
+    from hpt_dsl.runs import read_jsonl
+    from hpt_dsl.train import run_recipe
+
+    out = work / f"hpt-seed{seed}"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    run_recipe(
+        ROOT / "recipes" / "grpo.hpt", overrides=grpo_overrides(args, model, seed), output=out, quiet=True
+    )
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("kind") == "train"]
+    side.step_s += [r["time/step"] for r in rows]
+    side.gen_tokens += [round(r["response_length"] * args.questions * args.n) for r in rows]
+    side.reward.append([r["reward/mean"] for r in rows])
+    for key in ("time/rollout", "time/reward", "time/logprob", "time/update"):
+        side.split[key[5:]] = side.split.get(key[5:], 0.0) + sum(r[key] for r in rows)
+
+
+# ----- TRL ----------------------------------------------------------------------------------------
+
+
+def run_trl(args: argparse.Namespace, model: Path, seed: int, work: Path, side: Side) -> None:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from hpt_dsl.data import arith
+
+    train, _ = arith.make_questions(seed)
+    data = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": q.prompt}], "answer": q.answer} for q in train]
+    )
+    step_rewards: list[float] = []
+    step_tokens: list[int] = []
+
+    def reward(
+        prompts: list[Any],
+        completions: list[Any],
+        answer: list[str],
+        completion_ids: list[list[int]],
+        **_: Any,
+    ) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        scores = [arith.reward(t, a) for t, a in zip(texts, answer, strict=True)]
+        step_rewards.extend(scores)
+        step_tokens.append(sum(len(c) for c in completion_ids))
+        return scores
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.t0 = 0.0
+
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            side.step_s.append(time.perf_counter() - self.t0)
+
+    batch = args.questions * args.n
+    micro = min(args.micro_batch, batch)
+    config = GRPOConfig(
+        output_dir=str(work / f"trl-seed{seed}"),
+        use_cpu=True,
+        use_vllm=False,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
+        num_generations=args.n,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=1.0,
+        beta=0.0,
+        epsilon=0.2,
+        loss_type="grpo",
+        scale_rewards="group",
+        num_iterations=1,
+        max_steps=args.steps,
+        seed=seed,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model),
+        reward_funcs=reward,
+        args=config,
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(model),
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    per_step = len(step_rewards) // args.steps
+    side.reward.append(
+        [statistics.fmean(step_rewards[i * per_step : (i + 1) * per_step]) for i in range(args.steps)]
+    )
+    # the reward function sees one accumulation slice per call: sum the slices of each step
+    calls = len(step_tokens) // args.steps
+    side.gen_tokens += [sum(step_tokens[i * calls : (i + 1) * calls]) for i in range(args.steps)]
+
+
+# ----- main -----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=8, help="GRPO steps per round and framework")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="rounds; each runs both frameworks, order alternating"
+    )
+    p.add_argument("--questions", type=int, default=8, help="questions per step")
+    p.add_argument("--n", type=int, default=8, help="rollouts per question (group size)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--warm-steps", type=int, default=300, help="SFT steps that build the start model")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for both (0 = torch's default)")
+    p.add_argument("--work", type=Path, default=RESULTS / "vs_trl-work")
+    p.add_argument("--out", type=Path, default=RESULTS / "vs_trl.json")
+    args = p.parse_args()
+
+    import torch
+    import transformers
+
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("TRL is not installed: pip install -c constraints.txt -e '.[bench]'") from None
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = start_model(args.work, args.warm_steps, args.threads)
+    from hpt_dsl.data import arith
+
+    check_same_prompts(model, arith.make_questions(0)[0])
+    hpt, ref = Side("hpt-dsl"), Side(f"TRL {trl.__version__}")
+    for r in range(args.rounds):
+        order = [(run_hpt, hpt), (run_trl, ref)]
+        for fn, side in order if r % 2 == 0 else order[::-1]:
+            print(f"round {r + 1}/{args.rounds}: {side.name} ({args.steps} steps) ...", flush=True)
+            fn(args, model, r, args.work, side)
+
+    rows = []
+    for side in (hpt, ref):
+        first, last, ok = side.learned()
+        rows.append(
+            {
+                "framework": side.name,
+                "steps": len(side.step_s),
+                "steps_per_s": side.steps_per_s,
+                "gen_tokens_per_s": side.tokens_per_s,
+                "median_step_s": statistics.median(side.step_s),
+                "reward_first_third": first,
+                "reward_last_third": last,
+                "learned": ok,
+            }
+        )
+    result = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+        },
+        "results": rows,
+        "ratio_steps_per_s": hpt.steps_per_s / ref.steps_per_s,
+        "ratio_tokens_per_s": hpt.tokens_per_s / ref.tokens_per_s,
+        "hpt_time_split_s": hpt.split,
+        "raw": {s.name: asdict(s) for s in (hpt, ref)},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+    print()
+    print(
+        f"{'framework':<12} {'steps':>5} {'steps/s':>9} {'gen tok/s':>10} {'median s/step':>14} "
+        f"{'reward first->last third':>26} {'learned':>8}"
+    )
+    for row in rows:
+        learned = f"{row['reward_first_third']:.3f} -> {row['reward_last_third']:.3f}"
+        print(
+            f"{row['framework']:<12} {row['steps']:>5} {row['steps_per_s']:>9.4f} "
+            f"{row['gen_tokens_per_s']:>10.0f} {row['median_step_s']:>14.2f} {learned:>26} "
+            f"{str(row['learned']):>8}"
+        )
+    total = sum(hpt.split.values())
+    split = ", ".join(f"{k} {v / total:.0%}" for k, v in hpt.split.items())
+    print(
+        f"hpt-dsl / TRL: steps/s x{result['ratio_steps_per_s']:.2f}, generated tokens/s "
+        f"x{result['ratio_tokens_per_s']:.2f}"
+    )
+    print(f"hpt-dsl time split: {split}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
