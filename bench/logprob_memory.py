@@ -3,9 +3,10 @@
     python bench/logprob_memory.py                  # CPU, V = 32k and 152k
     python bench/logprob_memory.py --device cuda --batch 4 --tokens 1024
 
-Forward and backward (log-probs and, with --entropy, the entropy), float32 and bf16
-logits. Peak memory is what the computation allocates on top of the logits it is given:
-on CUDA torch.cuda.max_memory_allocated, on CPU the profiler's allocation timeline.
+Forward and backward (log-probs, and log-probs with the entropy), float32 and bf16
+logits. Times are medians: wall time on CUDA, the process's CPU time on the CPU. Peak
+memory is what the computation allocates on top of the logits it is given: on CUDA
+torch.cuda.max_memory_allocated, on CPU the profiler's allocation timeline.
 Prints a table and writes bench/results/logprob_memory.json.
 """
 
@@ -52,15 +53,21 @@ def peak_bytes(fn: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
+def clock(device: torch.device) -> Callable[[], float]:
+    """Wall time on CUDA (after a synchronisation); on the CPU the process's own CPU time,
+    which other programs on a shared machine do not inflate (run with --threads 1)."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
 def median_seconds(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
     fn()
-    times = []
+    now, times = clock(device), []
     for _ in range(repeats):
         sync(device)
-        t = time.perf_counter()
+        t = now()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t)
+        times.append(now() - t)
     return statistics.median(times)
 
 

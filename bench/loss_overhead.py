@@ -12,7 +12,9 @@ demonstration), T = 1024, random response lengths), times forward + backward of
 
 both "step" (advantages + loss + backward) and "loss" (loss + backward, advantages and
 normalisers prepared once, as a trainer with several micro-batches uses them), plus the
-peak memory of a step. The gradients of the two are checked to agree. Prints a table and
+peak memory of a step. The gradients of the two are checked to agree. Times are medians
+of interleaved runs: wall time on CUDA, the process's CPU time on the CPU (use --threads 1
+on a shared machine). Prints a table and
 writes bench/results/loss_overhead.json.
 """
 
@@ -21,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from logprob_memory import peak_bytes, sync
+from logprob_memory import clock, peak_bytes, sync
 from torch import Tensor
 
 from hpt_dsl import compile_estimator
@@ -240,15 +241,16 @@ def median_times(
 ) -> dict[str, float]:
     """Median seconds of each, the runs interleaved so that drifts in load hit all alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    now = clock(device)
     for fn in fns.values():
         fn()
     for _ in range(repeats):
         for k, fn in fns.items():
             sync(device)
-            t = time.perf_counter()
+            t = now()
             fn()
             sync(device)
-            times[k].append(time.perf_counter() - t)
+            times[k].append(now() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
