@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hpt_dsl.lang.explain import show_cond
 from hpt_dsl.recipe import (
     Arith,
     BoolOp,
@@ -83,29 +84,6 @@ def cond(c: Cond, stats: Stats) -> Tensor:
             out = (out & cond(item, stats)) if c.op == "and" else (out | cond(item, stats))
         return out
     raise TypeError(f"not a condition: {c!r}")
-
-
-def show_scalar(e: Scalar) -> str:
-    if isinstance(e, Const):
-        return str(int(e.value)) if float(e.value).is_integer() else repr(float(e.value))
-    if isinstance(e, Stat):
-        return e.name
-    if isinstance(e, Neg):
-        return f"-{show_scalar(e.operand)}"
-    if isinstance(e, Arith):
-        return f"({show_scalar(e.left)} {e.op} {show_scalar(e.right)})"
-    return repr(e)
-
-
-def show_cond(c: Cond) -> str:
-    """A condition written back in the language (used for metric names)."""
-    if isinstance(c, Compare):
-        return f"{show_scalar(c.left)} {c.op} {show_scalar(c.right)}"
-    if isinstance(c, Not):
-        return f"not ({show_cond(c.operand)})"
-    if isinstance(c, BoolOp):
-        return f" {c.op} ".join(f"({show_cond(i)})" for i in c.items)
-    return repr(c)
 
 
 @dataclass(frozen=True)
