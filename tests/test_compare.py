@@ -142,3 +142,35 @@ def test_cli_compare_bad_recipe_and_bad_setting(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "stepz" in res.output
     assert not (tmp_path / "o").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_trains_tabulates_and_reuses(tmp_path: Path) -> None:
+    """Two recipes x two seeds with the real training loop on the built-in task (a few tiny
+    steps), then the same command again: every run is reused, nothing is retrained."""
+    out = tmp_path / "cmp"
+    sets = ["train.steps=2", "train.questions=2", "rollout.n=2", "rollout.max_new_tokens=6",
+            "data.max_test=4", "train.eval_every=1", "train.save_every=0", "train.eval_n=2"]
+    argv = ["compare", str(RECIPES / "sft.hpt"), str(RECIPES / "hpt.hpt"), "--seeds", "2", "--out", str(out),
+            "--threads", "1"]
+    for s in sets:
+        argv += ["--set", s]
+    runner = CliRunner()
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 0, res.output
+    assert res.output.count("finished") == 4
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [r["recipe"] for r in rows] == ["sft", "hpt"]
+    assert all(r["seeds"] == "2" and r["acc_mean"] != "" and float(r["wall_s"]) > 0 for r in rows)
+    assert rows[1]["pass_k"] == "2"  # eval_n=2 gives pass@1 and pass@2
+    for name in ("accuracy.png", "gate-hpt.png", "loss-sft.png", "pass_at_k.png"):
+        assert (out / "plots" / name).exists(), name
+    metrics = sorted(out.glob("runs/*/metrics.jsonl"))
+    assert len(metrics) == 4
+    stamps = [m.stat().st_mtime_ns for m in metrics]
+    again = runner.invoke(app, argv)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("reused") == 4 and "running" not in again.output
+    assert [m.stat().st_mtime_ns for m in metrics] == stamps
+    assert again.output.count("| sft") == 0  # the console shows the rich table, not Markdown
+    assert (out / "compare.md").read_text().count("| sft | 2 |") == 1
