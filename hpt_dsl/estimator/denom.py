@@ -19,6 +19,7 @@ rho is always detached (it is only compared and clamped).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,15 +34,20 @@ class TokenInputs:
 
     lp: (b, T) log pi_theta, with gradient;  old: (b, T) log pi_old or None;
     mask: (b, T) bool response mask;  adv: (b, 1) or (b, T) A_hat (no gradient);
-    length: (b, 1) response lengths;  uniform: every token of a row has the same weight.
+    lengths: () -> (b, 1) response lengths, computed on first use;  uniform: every token of a
+    row has the same weight.
     """
 
     lp: Tensor
     old: Tensor | None
     mask: Tensor
     adv: Tensor
-    length: Tensor
+    lengths: Callable[[], Tensor]
     uniform: bool = True
+
+    @property
+    def length(self) -> Tensor:
+        return self.lengths()
 
     def need_old(self, what: str) -> Tensor:
         if self.old is None:

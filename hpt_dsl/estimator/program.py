@@ -15,6 +15,7 @@ per-row share prepared globally, summed over the rows at hand), so metrics add u
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -394,26 +395,26 @@ class LossProgram:
         if entropy is not None:
             entropy = torch.where(mask, entropy, 0.0)
         mf = mask.to(dt)
-        length = mf.sum(dim=1, keepdim=True)
+        lengths = functools.cache(lambda: mf.sum(dim=1, keepdim=True))
         weight, metrics = mf, {}
         if isinstance(prep.tis, Tensor):
             weight = mf * take(prep.tis)
         elif prep.tis is not None:
             weight, metrics = self._live_tis(prep.tis, idx, width, lp, old, mf)
 
-        weight_sum = length if weight is mf else weight.sum(dim=1, keepdim=True)
+        weight_sums = lengths if weight is mf else functools.cache(lambda: weight.sum(dim=1, keepdim=True))
         total: Tensor | None = None
         per_term: dict[str, dict[str, Tensor]] = {}
         for k, term in enumerate(self.terms):
             if not prep.live[k]:
                 metrics[f"loss/{term.name}"] = torch.zeros((), dtype=dt, device=lp.device)
                 continue
-            t = TokenInputs(lp, old, mask, take(prep.adv[k]), length, uniform=weight is mf)
+            t = TokenInputs(lp, old, mask, take(prep.adv[k]), lengths, uniform=weight is mf)
             obj, clipped, rho, kl = term.objective(t, ref, entropy)
-            contrib = -(_row_sum(obj, weight, weight_sum) * take(prep.coef[k])).sum()
+            contrib = -(_row_sum(obj, weight, weight_sums) * take(prep.coef[k])).sum()
             total = contrib if total is None else total + contrib
             metrics[f"loss/{term.name}"] = contrib.detach()
-            per_term[term.name] = self._term_metrics(take(prep.tok[k]), mask, mf, length, clipped, rho, kl,
+            per_term[term.name] = self._term_metrics(take(prep.tok[k]), mask, mf, lengths, clipped, rho, kl,
                                                      entropy, term.spec.denom != "pi_theta")  # fmt: skip
             for key, v in per_term[term.name].items():
                 metrics[f"{key}/{term.name}"] = v
@@ -441,18 +442,18 @@ class LossProgram:
     @staticmethod
     @torch.no_grad()
     def _term_metrics(
-        tok: Tensor, mask: Tensor, mf: Tensor, length: Tensor, clipped: Tensor | None, rho: Tensor,
-        kl: Tensor | None, entropy: Tensor | None, has_ratio: bool,
+        tok: Tensor, mask: Tensor, mf: Tensor, lengths: Callable[[], Tensor], clipped: Tensor | None,
+        rho: Tensor, kl: Tensor | None, entropy: Tensor | None, has_ratio: bool,
     ) -> dict[str, Tensor]:  # fmt: skip
         """Token means over the term's active tokens: sum_i tok_i * sum_t m_{i,t} x_{i,t}."""
         out = {}
         if clipped is not None:
             if clipped.shape[1] == 1:
-                out["clip_frac"] = (clipped[:, 0] * length[:, 0] * tok).sum()
+                out["clip_frac"] = (clipped[:, 0] * lengths()[:, 0] * tok).sum()
             else:
                 out["clip_frac"] = ((clipped & mask).sum(dim=1, dtype=tok.dtype) * tok).sum()
         if has_ratio:
-            out["ratio_mean"] = (_row_sum(rho, mf, length) * tok).sum()
+            out["ratio_mean"] = (_row_sum(rho, mf, lengths) * tok).sum()
         if kl is not None:
             out["kl"] = (kl.sum(dim=1) * tok).sum()  # kl is 0 off the response
         if entropy is not None:
@@ -515,11 +516,11 @@ class LossProgram:
         return self.loss(prep, logprobs=logprobs, entropy=entropy, values=values)
 
 
-def _row_sum(x: Tensor, weight: Tensor, weight_sum: Tensor) -> Tensor:
+def _row_sum(x: Tensor, weight: Tensor, weight_sums: Callable[[], Tensor]) -> Tensor:
     """sum_t weight_{i,t} x_{i,t} per row; x may be (b, 1), one value per row
-    (weight_sum = sum_t weight_{i,t}, (b, 1))."""
+    (weight_sums() = sum_t weight_{i,t}, (b, 1))."""
     if x.shape[1] == 1:
-        return x[:, 0] * weight_sum[:, 0]
+        return x[:, 0] * weight_sums()[:, 0]
     return (x * weight).sum(dim=1)
 
 
