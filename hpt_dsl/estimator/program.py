@@ -260,12 +260,13 @@ class LossProgram:
             w = wq[group]
             selected = _rows(spec.on, demo)
             active = selected & (w != 0)
-            inp = AdvInputs(R, group, n_groups, _rows(spec.group, demo), active, mask, vals)
-            a_hat = term.adv(inp, *spec.adv.args).to(dtype)
-            if spec.adv.name == "gae":
+            if spec.adv.name == "gae":  # its returns train the critic: one pass gives both
+                a_hat, ret = gae_returns(R, vals, mask, *spec.adv.args)  # type: ignore[arg-type]
+                returns = ret if returns is None else returns
                 critic_rows |= selected
-                if returns is None:
-                    returns = gae_returns(R, vals, mask, *spec.adv.args)[1]  # type: ignore[arg-type]
+            else:
+                inp = AdvInputs(R, group, n_groups, _rows(spec.group, demo), active, mask, vals)
+                a_hat = term.adv(inp, *spec.adv.args).to(dtype)
             L = length * active
             coef.append(w * term.agg(L, *spec.agg.args) * (L > 0))
             tok = active.to(dtype) / L.sum().clamp(min=1)
