@@ -38,17 +38,31 @@ def train_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["grpo", "hpt"])
-def test_stock_recipes_run_with_vllm_rollouts(recipe: str, tmp_path: Path) -> None:
-    """A few steps to completion; with tis_cap set the loop feeds the engine's log-probs to
-    the estimator, and at top_p = 1 they match the learner's."""
-    overrides = [*SMALL, "train.steps=2", "rollout.tis_cap=2.0"]
-    result = run_recipe(RECIPES / f"{recipe}.hpt", overrides=overrides, output=tmp_path / recipe, quiet=True)
+def test_grpo_runs_with_the_engine_log_probs_as_pi_old(tmp_path: Path) -> None:
+    """rollout.old_logprobs = engine saves the learner's pi_old pass; at top_p = 1 the ratio
+    pi_theta / pi_engine at the start of the update is 1 up to kernel differences."""
+    overrides = [*SMALL, "train.steps=2", "rollout.old_logprobs=engine"]
+    result = run_recipe(RECIPES / "grpo.hpt", overrides=overrides, output=tmp_path / "grpo", quiet=True)
     rows = train_rows(result.run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["rows"] >= 16 and r["response_length"] > 0 and math.isfinite(r["loss"])
-        assert r["tis/mismatch"] < 1e-3, "engine and learner log-probs must agree at top_p = 1"
+        assert r["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert r["clip_frac"] == 0.0
+    assert (result.run_dir / "final-model" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_hpt_runs_with_vllm_rollouts_and_tis(tmp_path: Path) -> None:
+    """The loop feeds the engine's log-probs to the estimator's TIS correction every step;
+    at top_p = 1 they match the learner's, so no weight is truncated."""
+    overrides = [*SMALL, "train.steps=2", "rollout.tis_cap=2.0"]
+    result = run_recipe(RECIPES / "hpt.hpt", overrides=overrides, output=tmp_path / "hpt", quiet=True)
+    rows = train_rows(result.run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["rows"] >= 16 and math.isfinite(r["loss"]) and r["grad_norm"] > 0
+        assert r["tis/mismatch"] < 1e-4, "engine and learner log-probs must agree at top_p = 1"
         assert r["tis/trunc_frac"] == 0.0
     assert (result.run_dir / "final-model" / "config.json").exists()
 
