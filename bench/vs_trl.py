@@ -54,7 +54,8 @@ class Side:
     """One framework's measured steps over all rounds."""
 
     name: str
-    step_s: list[float] = field(default_factory=list)
+    step_s: list[float] = field(default_factory=list)  # wall seconds per step
+    cpu_s: list[float] = field(default_factory=list)  # process CPU seconds per step
     gen_tokens: list[int] = field(default_factory=list)
     reward: list[list[float]] = field(default_factory=list)  # per round, per step
     split: dict[str, float] = field(default_factory=dict)  # seconds summed over steps
@@ -62,6 +63,10 @@ class Side:
     @property
     def steps_per_s(self) -> float:
         return len(self.step_s) / sum(self.step_s)
+
+    @property
+    def steps_per_cpu_s(self) -> float:
+        return len(self.cpu_s) / sum(self.cpu_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -147,17 +152,29 @@ def check_same_prompts(model: Path, questions: list[Any]) -> None:
 
 
 def run_hpt(args: argparse.Namespace, model: Path, seed: int, work: Path, side: Side) -> None:
+    from hpt_dsl import train as loop
     from hpt_dsl.runs import read_jsonl
-    from hpt_dsl.train import run_recipe
 
     out = work / f"hpt-seed{seed}"
     if out.exists():
         import shutil
 
         shutil.rmtree(out)
-    run_recipe(
-        ROOT / "recipes" / "grpo.hpt", overrides=grpo_overrides(args, model, seed), output=out, quiet=True
-    )
+    step = loop.Trainer.train_step
+
+    def timed(self: Any, i: int) -> dict[str, Any]:
+        c0 = time.process_time()
+        row = step(self, i)
+        side.cpu_s.append(time.process_time() - c0)
+        return row
+
+    loop.Trainer.train_step = timed  # type: ignore[method-assign]
+    try:
+        loop.run_recipe(
+            ROOT / "recipes" / "grpo.hpt", overrides=grpo_overrides(args, model, seed), output=out, quiet=True
+        )
+    finally:
+        loop.Trainer.train_step = step  # type: ignore[method-assign]
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("kind") == "train"]
     side.step_s += [r["time/step"] for r in rows]
     side.gen_tokens += [round(r["response_length"] * args.questions * args.n) for r in rows]
@@ -198,13 +215,14 @@ def run_trl(args: argparse.Namespace, model: Path, seed: int, work: Path, side: 
 
     class Timer(TrainerCallback):
         def __init__(self) -> None:
-            self.t0 = 0.0
+            self.t0 = self.c0 = 0.0
 
         def on_step_begin(self, *a: Any, **k: Any) -> None:
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
             side.step_s.append(time.perf_counter() - self.t0)
+            side.cpu_s.append(time.process_time() - self.c0)
 
     batch = args.questions * args.n
     micro = min(args.micro_batch, batch)
@@ -311,6 +329,7 @@ def main() -> None:
                 "steps_per_s": side.steps_per_s,
                 "gen_tokens_per_s": side.tokens_per_s,
                 "median_step_s": statistics.median(side.step_s),
+                "steps_per_cpu_s": side.steps_per_cpu_s,
                 "reward_first_third": first,
                 "reward_last_third": last,
                 "learned": ok,
@@ -329,6 +348,7 @@ def main() -> None:
         "results": rows,
         "ratio_steps_per_s": hpt.steps_per_s / ref.steps_per_s,
         "ratio_tokens_per_s": hpt.tokens_per_s / ref.tokens_per_s,
+        "ratio_steps_per_cpu_s": hpt.steps_per_cpu_s / ref.steps_per_cpu_s,
         "hpt_time_split_s": hpt.split,
         "raw": {s.name: asdict(s) for s in (hpt, ref)},
     }
@@ -351,7 +371,7 @@ def main() -> None:
     split = ", ".join(f"{k} {v / total:.0%}" for k, v in hpt.split.items())
     print(
         f"hpt-dsl / TRL: steps/s x{result['ratio_steps_per_s']:.2f}, generated tokens/s "
-        f"x{result['ratio_tokens_per_s']:.2f}"
+        f"x{result['ratio_tokens_per_s']:.2f}, steps per CPU second x{result['ratio_steps_per_cpu_s']:.2f}"
     )
     print(f"hpt-dsl time split: {split}")
     print(f"wrote {args.out}")
