@@ -1,0 +1,360 @@
+"""The DeepSpeed learner: the plain learner's math on DeepSpeed's engine (ZeRO 0-3, bf16,
+CPU offload), data parallel over the processes a launcher starts.
+
+Per optimizer mini-batch, on each rank r of W (its questions' rows, ``prep`` from
+``hpt_dsl.dist.prepare``, so every normaliser is the global one)::
+
+    n     = max over ranks of this rank's micro-batch count (ZeRO-2/3 reduce and gather in
+            every pass: every rank runs the same number; a rank with fewer runs 0-weight passes)
+    for each micro-batch i < n, boundary = (i == n - 1):
+        loss_i = W * program.loss(prep, rows_i)       # DeepSpeed averages gradients over W
+        engine.backward(loss_i); engine.step()        # the update happens at the boundary
+    => grad = sum_r sum_i grad(loss_i) / W = the one-process gradient
+
+Gradient clipping (``train.grad_clip``), the AdamW step and the schedule run inside the
+engine. A non-finite loss turns the gradients to NaN, and a step with a non-finite
+gradient norm is skipped (DeepSpeed's overflow check; our own at ZeRO 0 in fp32).
+
+On CPU (tests, this machine) the engine runs on DeepSpeed's CPU accelerator with gloo and
+torch.optim.AdamW; on CUDA, NCCL and DeepSpeed's fused AdamW. Checkpoints are DeepSpeed's
+own (every rank writes its shard; rank 0 the shared files), read back with
+``torch.load(weights_only=True)``. ``save_pretrained`` consolidates the full-precision
+weights (gathered across ranks under ZeRO-3) into one Hugging Face checkpoint on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from hpt_dsl import dist
+from hpt_dsl.batch import TrainBatch, used_rows
+from hpt_dsl.learner.base import UpdateResult
+from hpt_dsl.learner.ds_config import Config, build_config
+from hpt_dsl.learner.torch import TorchLearner
+from hpt_dsl.recipe import Recipe
+
+STATE_FILE = "deepspeed.json"
+
+
+def import_deepspeed() -> Any:
+    """``import deepspeed`` without its CPU-only overheads: the CPU accelerator is named (no
+    probing), and its shared-memory all-reduce op, which only DeepSpeed's inference path
+    uses and which would be JIT-compiled (minutes) at the first ``initialize``, is left
+    unbuilt: training collectives go through gloo."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def init_distributed() -> None:
+    """The process group, from the launcher's environment; a lone process gets a one-rank
+    group on a free local port (DeepSpeed needs one even then)."""
+    deepspeed = import_deepspeed()
+    if "RANK" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank())
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _safe_checkpoint_engine(config: Any) -> Any:
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``: only tensors,
+    containers and the few DeepSpeed value classes below are ever unpickled."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(allowed):
+                try:
+                    return torch.load(path, map_location=map_location, weights_only=True)
+                except Exception as err:  # an UnpicklingError names the refused class
+                    raise ValueError(f"{path}: not a checkpoint written by the DeepSpeed learner "
+                                     f"({str(err).splitlines()[0]})") from None
+
+    return SafeCheckpointEngine(config)
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> Config:
+    group = optimizer.param_groups[0]
+    return {"lr": group["lr"], "betas": list(group["betas"]), "eps": group["eps"],
+            "weight_decay": group["weight_decay"]}
+
+
+class DeepSpeedLearner(TorchLearner):
+    """The plain learner's forward passes and loss, with DeepSpeed engines for the policy
+    (and the critic) doing backward, reduction, clipping, the optimizer step and checkpoints."""
+
+    def __init__(self, recipe: Recipe, model: Any, tokenizer: Any, config: Config | None = None) -> None:
+        cuda = torch.cuda.is_available()
+        self.world = dist.world_size()
+        self.config = config if config is not None else build_config(recipe.settings, self.world, cuda)
+        self.zero_stage = int(self.config["zero_optimization"]["stage"])
+        self.bf16 = bool(self.config.get("bf16", {}).get("enabled"))
+        self.saved_dtype = next(model.parameters()).dtype
+        super().__init__(recipe, model, tokenizer)  # AdamW, schedule, reference model, critic
+        self.autocast = False  # DeepSpeed holds bf16 weights itself when learner.precision = bf16
+        deepspeed = import_deepspeed()
+        init_distributed()
+        self.engine = self._engine(deepspeed, model, self.optimizer, self.scheduler, self.config)
+        self.model = self.engine.module
+        self.device = self.engine.device
+        self.critic_engine = None
+        if self.critic is not None and self.critic_optimizer is not None:
+            self.critic_engine = self._engine(deepspeed, self.critic, self.critic_optimizer, None,
+                                              self.config)
+            self.critic = self.critic_engine  # forwards go through the engine (ZeRO-3 hooks)
+        if self.ref is not None:
+            self.ref.to(self.device, torch.bfloat16 if self.bf16 else None)
+
+    @staticmethod
+    def _engine(deepspeed: Any, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                config: Config) -> Any:
+        """One DeepSpeed engine. On CUDA the config names DeepSpeed's AdamW (with the torch
+        optimizer's hyper-parameters) and the schedule is rebuilt on its optimizer."""
+        config = json.loads(json.dumps(config))
+        if "optimizer" in config:
+            config["optimizer"]["params"] = _optimizer_params(optimizer)
+            lam = scheduler.lr_lambdas[0] if scheduler is not None else None
+
+            def schedule(opt: Any) -> Any:
+                return torch.optim.lr_scheduler.LambdaLR(opt, lam)
+
+            engine, *_ = deepspeed.initialize(
+                model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+                config=config, lr_scheduler=None if lam is None else schedule,
+            )
+        else:
+            engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                              config=config)
+        engine.checkpoint_engine = _safe_checkpoint_engine(engine._config)
+        return engine
+
+    # ----- forward passes ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def logprobs(self, batch: TrainBatch, which: Literal["policy", "ref"] = "policy") -> Tensor:
+        if which == "ref":
+            return super().logprobs(batch, "ref")  # the frozen copy: a plain module, no collectives
+        return self._collective_pass(batch, lambda mb: self._logprobs(self.engine, mb, False)[0])
+
+    @torch.no_grad()
+    def values(self, batch: TrainBatch) -> Tensor:
+        if self.critic_engine is None:
+            raise RuntimeError("this recipe has no critic (no adv=gae)")
+        return self._collective_pass(batch, self._values)
+
+    def _collective_pass(self, batch: TrainBatch, fn: Any) -> Tensor:
+        """The plain learner's no-grad pass; under ZeRO-3 every forward gathers parameters from
+        all ranks, so every rank runs as many passes as the busiest (extra ones on one row)."""
+        out = self._no_grad_pass(batch, fn)
+        if self.zero_stage == 3:
+            mine = len(self._micro_batches(batch, torch.arange(len(batch))))
+            for _ in range(dist.all_reduce_max(mine) - mine):
+                fn(self._filler(batch))
+        return out
+
+    def _filler(self, batch: TrainBatch) -> TrainBatch:
+        """A one-row batch for a rank's extra (0-weight) passes."""
+        if len(batch):
+            return batch.select(torch.tensor([0]))
+        pad = int(self.tokenizer.pad_token_id or 0)
+        one = torch.tensor([[pad]])
+        return TrainBatch(prompt_ids=one, prompt_mask=torch.ones_like(one), response_ids=one,
+                          response_mask=torch.zeros_like(one), group_ids=torch.zeros(1, dtype=torch.long),
+                          is_demo=torch.zeros(1, dtype=torch.bool), rewards=torch.zeros(1))
+
+    # ----- one optimizer step ----------------------------------------------------------------
+
+    def update(self, batch: TrainBatch, program: Any, prep: Any) -> UpdateResult:
+        rows = used_rows(prep)
+        chunks: list[Tensor | None] = list(self._micro_batches(batch, rows))
+        n = dist.all_reduce_max(len(chunks))
+        chunks += [None] * (n - len(chunks))
+        engines = [e for e in (self.engine, self.critic_engine) if e is not None]
+        metrics: dict[str, float] = {}
+        total = torch.zeros((), dtype=torch.float64)
+        tokens = 0
+        for i, idx in enumerate(chunks):
+            for e in engines:
+                e.set_gradient_accumulation_boundary(i == n - 1)
+            policy_loss, value_loss = self._micro_loss(batch, program, prep, idx, metrics)
+            if idx is not None:
+                total += policy_loss.detach().double().cpu() / self.world
+                tokens += batch.select(idx).n_tokens
+            if not torch.isfinite(policy_loss.detach()) or (
+                    value_loss is not None and not torch.isfinite(value_loss.detach())):
+                policy_loss, value_loss = _poisoned(policy_loss), _poisoned(value_loss)
+            self.engine.backward(policy_loss, scale_wrt_gas=False)
+            if self.critic_engine is not None and value_loss is not None:
+                self.critic_engine.backward(value_loss, scale_wrt_gas=False)
+        for k, share in prep.row_metrics.items():  # batch shares over every row, used or not
+            metrics[k] = float(share.sum())
+        metrics["rows_used"] = float(rows.numel())
+        metrics = dist.sum_metrics(metrics)
+        tokens = int(dist.all_reduce_sum(torch.tensor(float(tokens))).item())
+        total = dist.all_reduce_sum(total)
+        norms, skipped = self._step(engines, bool(torch.isfinite(total)))
+        if self.critic_engine is not None:
+            metrics["critic_grad_norm"] = norms[1]
+        metrics["lr"] = float(self.engine.get_lr()[0])
+        return UpdateResult(metrics=metrics, grad_norm=norms[0], skipped=skipped, tokens=tokens)
+
+    def _micro_loss(self, batch: TrainBatch, program: Any, prep: Any, idx: Tensor | None,
+                    metrics: dict[str, float]) -> tuple[Tensor, Tensor | None]:
+        """(W * policy loss, W * value loss) of one micro-batch; 0-weight for a filler pass."""
+        mb = self._filler(batch) if idx is None else batch.select(idx)
+        lp, ent = self._logprobs(self.engine, mb, self.with_entropy)
+        values = self._values(mb) if self.critic_engine is not None else None
+        if idx is None:
+            return _zero(lp), None if values is None else _zero(values)
+        rows = idx.to(prep.response_mask.device)
+        out = program.loss(prep, logprobs=lp, rows=rows, entropy=ent, values=values)
+        for k, v in out.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v)
+        value_loss = None if out.value_loss is None else out.value_loss * self.world
+        return out.loss * self.world, value_loss
+
+    def _step(self, engines: list[Any], finite_loss: bool) -> tuple[list[float], bool]:
+        """The optimizer step of every engine, or none when the loss or a gradient norm is not
+        finite. Returns (each engine's gradient norm before clipping, skipped)."""
+        if self.zero_stage == 0 and not self.bf16:  # a plain torch optimizer: check here
+            norms = [float(_module_grad_norm(e.module)) for e in engines]
+            if not finite_loss or not all(map(math.isfinite, norms)):
+                for e in engines:
+                    e.zero_grad()
+                return norms, True
+            for e in engines:
+                e.step()
+            return norms, False
+        for e in engines:
+            e.step()
+        return [_norm(e) for e in engines], not all(e.was_step_applied() for e in engines)
+
+    def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        """The policy's parameters by name; under ZeRO-3 each is gathered in turn (every rank
+        must iterate them all, in the same order)."""
+        deepspeed = import_deepspeed()
+        for name, p in self.model.named_parameters():
+            if hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p]):
+                    yield name, p.detach().clone()
+            else:
+                yield name, p
+
+    # ----- state ------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """DeepSpeed checkpoints (tags ``policy`` and ``critic``) in ``path``; collective: every
+        rank calls it with the same ``path``, and it returns once every rank has written."""
+        self.engine.save_checkpoint(str(path), tag="policy", save_latest=False)
+        if self.critic_engine is not None:
+            self.critic_engine.save_checkpoint(str(path), tag="critic", save_latest=False)
+        if dist.is_main():
+            state = {"world_size": self.world, "zero_stage": self.zero_stage, "bf16": self.bf16}
+            (path / STATE_FILE).write_text(json.dumps(state))
+        dist.barrier()
+
+    def load(self, path: Path) -> None:
+        try:
+            saved = json.loads((path / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            raise ValueError(f"{path}: not a DeepSpeed learner checkpoint (no readable {STATE_FILE}); "
+                             "resume with the engine that wrote it") from None
+        here = {"world_size": self.world, "zero_stage": self.zero_stage, "bf16": self.bf16}
+        if saved != here:
+            raise ValueError(f"{path}: written with {saved}, this run has {here}; resume with the same "
+                             "number of processes, learner.zero_stage and learner.precision")
+        for engine, tag in ((self.engine, "policy"), (self.critic_engine, "critic")):
+            if engine is None:
+                continue
+            loaded, _ = engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+            if loaded is None:
+                raise ValueError(f"{path}: the DeepSpeed checkpoint '{tag}' is missing or incomplete")
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """Every weight of the policy at full precision, on CPU, on rank 0 (empty elsewhere);
+        collective. Tied weights stay one tensor under both names."""
+        deepspeed = import_deepspeed()
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out: dict[str, Tensor] = {}
+        done: dict[int, Tensor] = {}
+        for name, value in self.model.state_dict(keep_vars=True).items():
+            if id(value) not in done:
+                full = safe_get_full_fp32_param(value) if isinstance(value, nn.Parameter) else None
+                if full is None and hasattr(value, "ds_id"):
+                    with deepspeed.zero.GatheredParameters([value]):
+                        full = value.detach().clone()
+                if full is None:
+                    full = value.detach()
+                done[id(value)] = full.to("cpu", self.saved_dtype) if dist.is_main() else full.new_empty(0)
+            if dist.is_main():
+                out[name] = done[id(value)]
+        return out
+
+    def save_pretrained(self, path: Path) -> None:
+        """The policy as one Hugging Face checkpoint (rank 0 writes; collective)."""
+        state = self.full_state_dict()
+        if dist.is_main():
+            self.model.save_pretrained(path, state_dict=state)
+            self.tokenizer.save_pretrained(path)
+        dist.barrier()
+
+    def close(self) -> None:
+        """Free the engines (the process group stays for the rest of the process)."""
+        for e in (self.engine, self.critic_engine):
+            if e is not None and hasattr(e, "destroy"):
+                e.destroy()
+
+
+def _zero(x: Tensor) -> Tensor:
+    """0, with a (zero) gradient path through x: the loss of a filler pass."""
+    return x.masked_fill(~torch.isfinite(x), 0.0).sum() * 0.0
+
+
+def _poisoned(loss: Tensor | None) -> Tensor | None:
+    """A loss whose gradient is NaN wherever it has one, so that the step is skipped."""
+    if loss is None or not loss.requires_grad:
+        return loss
+    return loss * float("nan")
+
+
+def _module_grad_norm(module: nn.Module) -> Tensor:
+    grads = [p.grad.detach().double() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _norm(engine: Any) -> float:
+    value = engine.get_global_grad_norm()
+    return float("nan") if value is None else float(value)
+
+
+def make_learner(recipe: Recipe, model: Any, tokenizer: Any) -> DeepSpeedLearner:
+    return DeepSpeedLearner(recipe, model, tokenizer)
