@@ -16,6 +16,7 @@ per-row share prepared globally, summed over the rows at hand), so metrics add u
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,6 +134,13 @@ class LossProgram:
         self.settings = settings
         self.needs = needs
         self.stats_used = stats_used
+        self.const_weights: list[float] | None = None
+        self.const_branches: list[bool] | None = None
+        if not stats_used:  # no weight reads a statistic: evaluate every weight once, here
+            one = {"n": torch.zeros(1, dtype=torch.float64)}
+            weights = [float(t.weight(one)[0]) for t in terms]
+            self.const_weights = [w if math.isfinite(w) else 0.0 for w in weights]
+            self.const_branches = [bool(b.taken(one)[0] != 0) for b in branches]
 
     def __repr__(self) -> str:
         return "LossProgram(" + ", ".join(f"{t.name}: {t.spec.components()}" for t in self.terms) + ")"
@@ -230,11 +238,6 @@ class LossProgram:
         demo = (
             torch.zeros(B, dtype=torch.bool, device=device) if is_demo is None else is_demo.to(device).bool()
         )
-        if group_ids is None:
-            group, n_groups = torch.arange(B, device=device), B
-        else:
-            uniq, group = torch.unique(group_ids.to(device), return_inverse=True)
-            n_groups = int(uniq.numel())
         R = torch.zeros(B, dtype=dtype, device=device) if rewards is None else rewards.to(device, dtype)
         specs = [t.spec for t in self.terms]
         uses_old = any(s.denom in ("pi_old", "pi_old_seq") or s.mask.name == "seq_clip" for s in specs)
@@ -242,24 +245,45 @@ class LossProgram:
         old = _clean(old_logprobs, mask, dtype) if uses_old or tis_cap is not None else None
         vals = _clean(values, mask, dtype) if any(s.adv.name == "gae" for s in specs) else None
         ref = _clean(ref_logprobs, mask, dtype) if any(s.kl is not None for s in specs) else None
-        stats = question_stats(R, group, n_groups, ~demo, step) if self.stats_used else {}
-        shape_only = stats or {"n": torch.zeros(n_groups, dtype=dtype, device=device)}
-        rows_per_q = torch.zeros(n_groups, dtype=dtype, device=device).index_add(0, group, torch.ones_like(R))
-        question_share = 1.0 / (rows_per_q[group] * max(n_groups, 1))  # sums to 1 over all rows
+
+        # questions: a dense index, their statistics, and each row's share of "all questions"
+        gated = self.const_weights is None
+        if group_ids is not None and (gated or any(s.adv.name in GROUP_ADVS for s in specs)):
+            uniq, group = torch.unique(group_ids.to(device), return_inverse=True)
+            n_groups = int(uniq.numel())
+        else:
+            group, n_groups = torch.arange(B, device=device), B
+        if gated:
+            stats = question_stats(R, group, n_groups, ~demo, step)
+            rows_per_q = torch.zeros(n_groups, dtype=dtype, device=device).index_add(
+                0, group, torch.ones_like(R)
+            )
+            share = 1.0 / (rows_per_q[group] * max(n_groups, 1))  # sums to 1 over all rows
+        else:  # every question has the same weights: no statistics needed
+            stats = {}
+            share = torch.full((B,), 1.0 / max(B, 1), dtype=dtype, device=device)
 
         coef, advs, toks, counts, row_metrics, weights = [], [], [], [], {}, {}
         returns, critic_rows = None, torch.zeros(B, dtype=torch.bool, device=device)
-        for term in self.terms:
+        for k, term in enumerate(self.terms):
             spec = term.spec
-            wq = term.weight(shape_only).to(dtype)
-            if stats:  # a weight read from the statistics may be inf or NaN (1 / acc): it becomes 0
-                bad = ~torch.isfinite(wq)
-                wq = torch.where(bad, 0.0, wq)
-                row_metrics[f"gate/{term.name}/nonfinite"] = question_share * bad[group]
-            weights[term.name] = wq
-            w = wq[group]
             selected = _rows(spec.on, demo)
-            active = selected & (w != 0)
+            if self.const_weights is None:
+                wq = term.weight(stats).to(dtype)
+                bad = ~torch.isfinite(
+                    wq
+                )  # a weight read from statistics may be inf or NaN (1 / acc): it becomes 0
+                wq = torch.where(bad, 0.0, wq)
+                row_metrics[f"gate/{term.name}/nonfinite"] = share * bad[group]
+                w: Tensor | float = wq[group]
+                active = selected & (w != 0)
+                row_metrics[f"gate/{term.name}"] = share * (wq != 0)[group]
+            else:
+                w = self.const_weights[k]
+                wq = torch.tensor(w, dtype=dtype)
+                active = selected if w != 0 else torch.zeros_like(selected)
+                row_metrics[f"gate/{term.name}"] = share if w != 0 else torch.zeros_like(share)
+            weights[term.name] = wq
             if spec.adv.name == "gae":  # its returns train the critic: one pass gives both
                 a_hat, ret = gae_returns(R, vals, mask, *spec.adv.args)  # type: ignore[arg-type]
                 returns = ret if returns is None else returns
@@ -268,7 +292,8 @@ class LossProgram:
                 inp = AdvInputs(R, group, n_groups, _rows(spec.group, demo), active, mask, vals)
                 a_hat = term.adv(inp, *spec.adv.args).to(dtype)
             L = length * active
-            coef.append(w * term.agg(L, *spec.agg.args) * (L > 0))
+            a = term.agg(L, *spec.agg.args) * (L > 0)
+            coef.append(a if isinstance(w, float) and w == 1.0 else w * a)
             tok = active.to(dtype) / L.sum().clamp(min=1)
             toks.append(tok)
             counts.append(L.sum())
@@ -278,9 +303,13 @@ class LossProgram:
                 row_metrics[f"adv_mean/{term.name}"] = tok * a_hat * length
                 a_hat = a_hat[:, None]
             advs.append(a_hat)
-            row_metrics[f"gate/{term.name}"] = question_share * (wq != 0)[group]
-        for br in self.branches:
-            row_metrics[f"branch/{br.label}"] = question_share * (br.taken(shape_only) != 0)[group]
+        for j, br in enumerate(self.branches):
+            if self.const_branches is None:
+                row_metrics[f"branch/{br.label}"] = share * (br.taken(stats) != 0)[group]
+            else:
+                row_metrics[f"branch/{br.label}"] = (
+                    share if self.const_branches[j] else torch.zeros_like(share)
+                )
 
         tis: Tensor | tuple[Tensor, Tensor, float] | None = None
         cap = tis_cap
@@ -290,11 +319,11 @@ class LossProgram:
             if old is None or old_is_current:
                 tis = (rlp, rmask, float(cap))  # type: ignore[assignment]
             else:
-                share = rmask / rmask.sum().clamp(min=1)
+                tok_share = rmask / rmask.sum().clamp(min=1)
                 log_w = torch.where(rmask, old - rlp, 0.0)  # type: ignore[operator]
                 tis = torch.where(rmask, log_w.exp().clamp(max=cap), 1.0)
-                row_metrics["tis/trunc_frac"] = (share * (log_w.exp() > cap)).sum(dim=1)
-                row_metrics["tis/mismatch"] = (share * log_w.abs()).sum(dim=1)
+                row_metrics["tis/trunc_frac"] = (tok_share * (log_w.exp() > cap)).sum(dim=1)
+                row_metrics["tis/mismatch"] = (tok_share * log_w.abs()).sum(dim=1)
 
         value_coef = None
         if returns is not None:
@@ -412,7 +441,7 @@ class LossProgram:
                 continue
             t = TokenInputs(lp, old, mask, take(prep.adv[k]), lengths, uniform=weight is mf)
             obj, clipped, rho, kl = term.objective(t, ref, entropy)
-            contrib = -(_row_sum(obj, weight, weight_sums) * take(prep.coef[k])).sum()
+            contrib = -torch.dot(_row_sum(obj, weight, weight_sums), take(prep.coef[k]))
             total = contrib if total is None else total + contrib
             metrics[f"loss/{term.name}"] = contrib.detach()
             per_term[term.name] = self._term_metrics(take(prep.tok[k]), mask, mf, lengths, clipped, rho, kl,
@@ -431,8 +460,10 @@ class LossProgram:
                 metrics[key] = parts[0][1]
             elif parts:
                 metrics[key] = torch.stack([s * v for s, v in parts]).sum()
-        for key, share in prep.row_metrics.items():
-            metrics[key] = (share if rows is None else share[idx]).sum()
+        keys, shares_matrix = _row_matrix(prep)
+        if keys:
+            sums = (shares_matrix if rows is None else shares_matrix[:, idx]).sum(dim=1)
+            metrics.update(zip(keys, sums.to(dt).unbind(), strict=True))
         value_loss = None
         if values is not None and prep.returns is not None:
             value_loss = self._value_loss(prep, take, values, mf)
@@ -450,15 +481,15 @@ class LossProgram:
         out = {}
         if clipped is not None:
             if clipped.shape[1] == 1:
-                out["clip_frac"] = (clipped[:, 0] * lengths()[:, 0] * tok).sum()
+                out["clip_frac"] = torch.dot(clipped[:, 0] * lengths()[:, 0], tok)
             else:
-                out["clip_frac"] = ((clipped & mask).sum(dim=1, dtype=tok.dtype) * tok).sum()
+                out["clip_frac"] = torch.dot((clipped & mask).sum(dim=1, dtype=tok.dtype), tok)
         if has_ratio:
-            out["ratio_mean"] = (_row_sum(rho, mf, lengths) * tok).sum()
+            out["ratio_mean"] = torch.dot(_row_sum(rho, mf, lengths), tok)
         if kl is not None:
-            out["kl"] = (kl.sum(dim=1) * tok).sum()  # kl is 0 off the response
+            out["kl"] = torch.dot(kl.sum(dim=1), tok)  # kl is 0 off the response
         if entropy is not None:
-            out["entropy"] = (entropy.sum(dim=1) * tok).sum()
+            out["entropy"] = torch.dot(entropy.sum(dim=1).to(tok.dtype), tok)
         return out
 
     @staticmethod
@@ -515,6 +546,26 @@ class LossProgram:
             values=None if values is None else values.detach(), rollout_logprobs=rollout_logprobs, step=step,
         )  # fmt: skip
         return self.loss(prep, logprobs=logprobs, entropy=entropy, values=values)
+
+
+def _row_matrix(prep: Prepared) -> tuple[list[str], Tensor]:
+    """The batch-level metrics' per-row shares as one (K, B) matrix (built once per Prepared),
+    so that a micro-batch sums all of them in one operation."""
+    cached = prep.__dict__.get("_row_matrix")
+    if cached is None or cached[0] != list(prep.row_metrics):
+        keys = list(prep.row_metrics)
+        dtype = (
+            torch.float64
+            if any(v.dtype == torch.float64 for v in prep.row_metrics.values())
+            else torch.float32
+        )
+        matrix = (
+            torch.stack([v.to(dtype) for v in prep.row_metrics.values()])
+            if keys
+            else prep.response_mask.new_zeros(0)
+        )
+        cached = prep.__dict__["_row_matrix"] = (keys, matrix)
+    return cached
 
 
 def _row_sum(x: Tensor, weight: Tensor, weight_sums: Callable[[], Tensor]) -> Tensor:
