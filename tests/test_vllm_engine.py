@@ -114,6 +114,7 @@ def engine(policy: tuple[Any, Any]) -> Any:
     eng.close()
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_before_and_after_three_updates(policy: Any, engine: Any) -> None:
     model, tokenizer = policy
     prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS]
@@ -142,6 +143,7 @@ def test_greedy_matches_transformers_before_and_after_three_updates(policy: Any,
     engine.load_weights(model.named_parameters())
 
 
+@pytest.mark.slow
 def test_sampled_logprobs_match_the_learner(policy: Any, engine: Any) -> None:
     model, tokenizer = policy
     prompts = [prompt_ids(tokenizer, q) for q in QUESTIONS[:3]]

@@ -101,6 +101,7 @@ def test_start_failures_name_the_setting_to_change(
 
 
 @needs_vllm
+@pytest.mark.slow
 def test_context_too_long_for_the_kv_cache_is_a_clear_error(
     tiny: tuple[Path, Any, Any], tmp_path: Path
 ) -> None:

@@ -112,16 +112,12 @@ def _full_parameters(module: Any) -> Iterator[tuple[str, Tensor]]:
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """End-of-sequence ids: the generation config's (as transformers' generate uses) and the
-    tokenizer's."""
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
-        eos = getattr(source, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(i) for i in eos)
-    return sorted(ids)
+    """End-of-sequence ids, chosen as the ``hf`` engine chooses them: the generation config's
+    (what transformers' generate stops on), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return sorted({int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])})
 
 
 class VLLMRolloutEngine(RolloutEngine):
