@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ SMOOTH = 5
 """Moving-average window (steps) for noisy per-step training curves."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Curve:
     """One line of a figure: x, y, and optionally a +/- band."""
 
@@ -43,6 +43,7 @@ class Curve:
     x: list[float]
     y: list[float]
     band: list[float] | None = None
+    style: dict[str, Any] = field(default_factory=dict)  # extra matplotlib line options
 
 
 # ----- series --------------------------------------------------------------------------------
@@ -132,8 +133,9 @@ def line_figure(
         return []
     fig, ax = _figure(title, xlabel, ylabel)
     for c in curves:
-        (line,) = ax.plot(c.x, c.y, label=c.label, linewidth=1.6, marker="o" if len(c.x) <= 12 else None,
-                          markersize=3.5)
+        marker = "o" if len(c.x) <= 12 else None
+        opts: dict[str, Any] = {"linewidth": 1.6, "marker": marker, "markersize": 3.5}
+        (line,) = ax.plot(c.x, c.y, label=c.label, **{**opts, **c.style})
         if c.band is not None:
             lo = [y - b for y, b in zip(c.y, c.band, strict=True)]
             hi = [y + b for y, b in zip(c.y, c.band, strict=True)]
@@ -218,9 +220,15 @@ def plot_runs(
         if len(shares) > 1:
             paths += stacked_figure(x, shares, f"Gate split: {label} (share of questions per branch)",
                                     out, f"gate-{slug(label)}", formats)
-        terms = runfiles.loss_terms(g[0])
-        loss_curves = [c for c in (seed_curve(t, g, lambda r, t=t: runfiles.step_series(r, t), SMOOTH)
-                                   for t in terms) if c is not None]
+        loss_curves = []
+        for term in runfiles.loss_terms(g[0]):
+            c = seed_curve(term, g, lambda r, t=term: runfiles.step_series(r, t), SMOOTH)
+            if c is not None:
+                total = term == "loss"
+                c.label = "total" if total else f"{term.removeprefix('loss/')} term"
+                if total:
+                    c.style.update(color="black", linestyle="--", linewidth=1.2)
+                loss_curves.append(c)
         paths += line_figure(loss_curves, f"Loss terms: {label}{smooth_note}", "training step",
                              "loss (per token, as aggregated)", out, f"loss-{slug(label)}", formats)
     pk = []
