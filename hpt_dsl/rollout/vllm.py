@@ -193,6 +193,8 @@ class VLLMRolloutEngine(RolloutEngine):
                 "the engine's weights are not a complete copy of the policy (no sync yet, or the last one "
                 "failed part-way); call load_weights with every parameter before generating"
             )
+        if not prompts:
+            return []
         n = params.n
         for i, p in enumerate(prompts):
             if len(p) >= self.max_model_len:
