@@ -41,15 +41,16 @@ def make_batch(B: int, T: int, device: torch.device, seed: int = 0) -> Batch:
     per_q = 8
     demo = torch.arange(B) % per_q == per_q - 1
     lengths = torch.randint(1, T + 1, (B,), generator=g)
-    old = -2 * torch.rand(B, T, generator=g)
+    mask = torch.arange(T)[None] < lengths[:, None]
+    old = -2 * torch.rand(B, T, generator=g) * mask  # 0 on padding, as a learner returns them
     batch = dict(
-        response_mask=torch.arange(T)[None] < lengths[:, None],
+        response_mask=mask,
         group_ids=torch.arange(B) // per_q,
         is_demo=demo,
         rewards=torch.where(demo, 1.0, (torch.rand(B, generator=g) < 0.4).float()),
         old_logprobs=old,
         lp=old + 0.2 * torch.randn(B, T, generator=g),
-        values=torch.randn(B, T, generator=g),
+        values=torch.randn(B, T, generator=g) * mask,
     )
     return {k: v.to(device) for k, v in batch.items()}
 

@@ -32,8 +32,9 @@ from hpt_dsl.estimator.registry import register
 class TokenInputs:
     """One micro-batch as the token-level components see it.
 
-    lp: (b, T) log pi_theta, with gradient;  old: (b, T) log pi_old or None;
-    mask: (b, T) bool response mask;  adv: (b, 1) or (b, T) A_hat (no gradient);
+    lp: (b, T) log pi_theta, with gradient;  old: (b, T) log pi_old or None (0 off the
+    response);  mask, mf: (b, T) response mask as bool and as floats;  adv: (b, 1) or (b, T)
+    A_hat (no gradient);
     lengths: () -> (b, 1) response lengths, computed on first use;  uniform: every token of a
     row has the same weight.
     """
@@ -41,6 +42,7 @@ class TokenInputs:
     lp: Tensor
     old: Tensor | None
     mask: Tensor
+    mf: Tensor
     adv: Tensor
     lengths: Callable[[], Tensor]
     uniform: bool = True
@@ -57,8 +59,8 @@ class TokenInputs:
     def seq_ratio(self) -> Tensor:
         """s_i = exp( sum_t m_t (lp_t - old_t) / max(|y_i|, 1) ), shape (b, 1), with gradient."""
         old = self.need_old("a sequence ratio")
-        diff = torch.where(self.mask, self.lp - old, 0.0)
-        return torch.exp(diff.sum(dim=1, keepdim=True) / self.length.clamp(min=1))
+        diff = ((self.lp - old) * self.mf).sum(dim=1, keepdim=True)
+        return torch.exp(diff / self.length.clamp(min=1))
 
 
 @dataclass

@@ -242,9 +242,16 @@ class LossProgram:
         specs = [t.spec for t in self.terms]
         uses_old = any(s.denom in ("pi_old", "pi_old_seq") or s.mask.name == "seq_clip" for s in specs)
         tis_cap = self.settings.rollout.tis_cap if rollout_logprobs is not None else None
-        old = _clean(old_logprobs, mask, dtype) if uses_old or tis_cap is not None else None
-        vals = _clean(values, mask, dtype) if any(s.adv.name == "gae" for s in specs) else None
-        ref = _clean(ref_logprobs, mask, dtype) if any(s.kl is not None for s in specs) else None
+        old, vals, ref, rlp = _clean(
+            [
+                old_logprobs if uses_old or tis_cap is not None else None,
+                values if any(s.adv.name == "gae" for s in specs) else None,
+                ref_logprobs if any(s.kl is not None for s in specs) else None,
+                rollout_logprobs if tis_cap is not None else None,
+            ],
+            mask,
+            dtype,
+        )
 
         # questions: a dense index, their statistics, and each row's share of "all questions"
         gated = self.const_weights is None
@@ -314,7 +321,6 @@ class LossProgram:
         tis: Tensor | tuple[Tensor, Tensor, float] | None = None
         cap = tis_cap
         if cap is not None and rollout_logprobs is not None:
-            rlp = _clean(rollout_logprobs, mask, dtype)
             rmask = mask & ~demo[:, None]
             if old is None or old_is_current:
                 tis = (rlp, rmask, float(cap))  # type: ignore[assignment]
@@ -424,8 +430,9 @@ class LossProgram:
         ref = None if prep.ref_logprobs is None else take(prep.ref_logprobs)
         if entropy is not None:
             entropy = torch.where(mask, entropy, 0.0)
-        mf = mask.to(dt)
-        lengths = functools.cache(lambda: mf.sum(dim=1, keepdim=True))
+        mf_all, lengths_all = _float_mask(prep, dt)
+        mf = take(mf_all)
+        lengths = functools.cache(lambda: take(lengths_all))
         weight, metrics = mf, {}
         if isinstance(prep.tis, Tensor):
             weight = mf * take(prep.tis)
@@ -439,7 +446,7 @@ class LossProgram:
             if not prep.live[k]:
                 metrics[f"loss/{term.name}"] = torch.zeros((), dtype=dt, device=lp.device)
                 continue
-            t = TokenInputs(lp, old, mask, take(prep.adv[k]), lengths, uniform=weight is mf)
+            t = TokenInputs(lp, old, mask, mf, take(prep.adv[k]), lengths, uniform=weight is mf)
             obj, clipped, rho, kl = term.objective(t, ref, entropy)
             contrib = -torch.dot(_row_sum(obj, weight, weight_sums), take(prep.coef[k]))
             total = contrib if total is None else total + contrib
@@ -548,6 +555,16 @@ class LossProgram:
         return self.loss(prep, logprobs=logprobs, entropy=entropy, values=values)
 
 
+def _float_mask(prep: Prepared, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The response mask as floats (B, T) and the response lengths (B, 1), built once per
+    Prepared and dtype."""
+    key = f"_float_mask_{dtype}"
+    if key not in prep.__dict__:
+        mf = prep.response_mask.to(dtype)
+        prep.__dict__[key] = (mf, mf.sum(dim=1, keepdim=True))
+    return prep.__dict__[key]
+
+
 def _row_matrix(prep: Prepared) -> tuple[list[str], Tensor]:
     """The batch-level metrics' per-row shares as one (K, B) matrix (built once per Prepared),
     so that a micro-batch sums all of them in one operation."""
@@ -585,8 +602,14 @@ def _rows(which: str, demo: Tensor) -> Tensor:
     return torch.ones_like(demo)
 
 
-def _clean(x: Tensor | None, mask: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """x on response tokens, 0 elsewhere (padding may hold anything, even inf or NaN)."""
-    if x is None:
-        return None
-    return torch.where(mask, x.to(device=mask.device, dtype=dtype), 0.0)
+def _clean(xs: list[Tensor | None], mask: Tensor, dtype: torch.dtype) -> list[Tensor | None]:
+    """Each x with 0 off the response (padding may hold anything, even inf or NaN). A tensor
+    whose padding is already 0 is used as it is (no copy); one synchronisation for all."""
+    xs = [None if x is None else x.to(device=mask.device, dtype=dtype) for x in xs]
+    given = [x for x in xs if x is not None]
+    if not given:
+        return xs
+    pad = ~mask
+    dirty = torch.stack([(x * pad).ne(0).any() for x in given]).tolist()  # NaN * 0 is NaN: dirty
+    flags = iter(dirty)
+    return [None if x is None else torch.where(mask, x, 0.0) if next(flags) else x for x in xs]
