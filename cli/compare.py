@@ -10,6 +10,7 @@ Exit codes: 0 done, 1 a recipe has errors, 2 usage (missing file, bad --set, bad
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import typer
@@ -25,8 +26,11 @@ def compare_command(
     seeds: int = typer.Option(3, "--seeds", min=1, help="seeds per recipe (0 .. N-1)"),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
     out: Path = typer.Option(Path("compare"), "--out", "-o", help="folder for runs, table and figures"),
-    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="runs at once (separate processes)"),
-    threads: int = typer.Option(0, "--threads", min=0, help="torch threads per run (0 = torch's default)"),
+    jobs: int = typer.Option(
+        0, "--jobs", "-j", min=0, help="runs at once, as processes (0 = one per CPU core, 1 with a GPU)"
+    ),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch threads per run (0 = cores / jobs)"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Run recipes with identical data, model, budget and seeds; table, CSV, Markdown, figures."""
     console = Console(highlight=False, soft_wrap=True)
@@ -37,15 +41,30 @@ def compare_command(
             raise typer.Exit(2 if checked.usage else 1)
 
     def event(kind: str, job: Job) -> None:
-        verb = {"reuse": "reused", "start": "running", "done": "finished"}[kind]
-        console.print(f"{verb:>8}  {job.label} seed {job.seed}  [dim]{job.run_dir}[/dim]")
+        verb = {"reuse": "reused", "start": "running", "queue": "queued", "done": "finished",
+                "failed": "FAILED"}
+        console.print(f"{verb[kind]:>8}  {job.label} seed {job.seed}  [dim]{job.run_dir}[/dim]")
+
+    from hpt_dsl.cli.run import _bad_input_errors
+
+    from hpt_dsl.train import RunInterrupted
 
     try:
         result = compare(recipes, seeds, overrides, out, parallel=jobs, threads=threads, on_event=event)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: finished runs are kept and reused next time[/yellow]")
+    except (KeyboardInterrupt, RunInterrupted):
+        console.print("[yellow]interrupted: finished runs are kept and reused, unfinished ones resumed "
+                      "when the same command runs again[/yellow]")
         raise typer.Exit(130) from None
+    except _bad_input_errors() as e:
+        if debug:
+            traceback.print_exc()
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     console.print(rich_table(result.rows))
     console.print(f"table: {result.markdown}  {result.csv}")
     for p in result.figures:
         console.print(str(p))
+    for job, message in result.failures:
+        console.print(f"[red]failed:[/red] {job.label} seed {job.seed}: {message}")
+    if result.failures:
+        raise typer.Exit(3)

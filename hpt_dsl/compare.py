@@ -30,7 +30,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,43 +162,87 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+class RunFailed(RuntimeError):
+    """A runner's way to report that one run failed and the others may go on."""
+
+
+def _fault_types(runner: Runner) -> tuple[type[BaseException], ...]:
+    """Faults one run may have without stopping the others (too many non-finite steps)."""
+    if runner is not default_runner:
+        return (RunFailed,)
+    from hpt_dsl.train import RunFault
+
+    return (RunFault, RunFailed)
+
+
+def auto_parallel(n_jobs: int) -> tuple[int, int]:
+    """(processes, torch threads per process) for ``n_jobs`` runs on this machine: one
+    process with a GPU; on a CPU one process per core (at most 8, at most one per job),
+    the cores shared out as threads."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 1, 0
+    cores = os.cpu_count() or 1
+    procs = max(1, min(cores, 8, n_jobs))
+    return procs, max(1, cores // procs)
+
+
 def run_jobs(
     jobs: Sequence[Job],
     runner: Runner = default_runner,
     parallel: int = 1,
     threads: int = 0,
     on_event: Callable[[str, Job], None] | None = None,
-) -> None:
-    """Run every unfinished job; ``parallel`` > 1 runs that many processes at once
-    (``runner`` must then be a module-level function). ``threads`` > 0 sets each run's
-    torch threads. ``on_event(kind, job)`` hears "reuse", "start" and "done"."""
+) -> list[tuple[Job, str]]:
+    """Run every unfinished job; returns the (job, message) of runs that stopped on a fault.
+
+    ``parallel`` > 1 runs that many processes at once (``runner`` must then be a
+    module-level function); ``threads`` > 0 sets each run's torch threads. Any other error
+    (bad input, Ctrl-C) stops everything and propagates. ``on_event(kind, job)`` hears
+    "reuse", "start" (one process), "queue" (several), "done" and "failed"."""
+    say = on_event or (lambda kind, job: None)
+    faults = _fault_types(runner)
+    failures: list[tuple[Job, str]] = []
     todo = []
     for job in jobs:
         if finished(job):
-            if on_event:
-                on_event("reuse", job)
+            say("reuse", job)
         else:
             todo.append(job)
     if parallel <= 1:
         for job in todo:
-            if on_event:
-                on_event("start", job)
-            _execute(job, runner, threads)
-            if on_event:
-                on_event("done", job)
-        return
+            say("start", job)
+            try:
+                _execute(job, runner, threads)
+            except faults as e:
+                failures.append((job, str(e)))
+                say("failed", job)
+                continue
+            say("done", job)
+        return failures
     import multiprocessing
 
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = []
+    pool = ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {}
         for job in todo:
-            if on_event:
-                on_event("start", job)
-            futures.append(pool.submit(_execute, job, runner, threads))
-        for fut in futures:
-            job = fut.result()
-            if on_event:
-                on_event("done", job)
+            say("queue", job)
+            futures[pool.submit(_execute, job, runner, threads)] = job
+        for fut in as_completed(futures):
+            job = futures[fut]
+            try:
+                fut.result()
+            except faults as e:
+                failures.append((job, str(e)))
+                say("failed", job)
+                continue
+            say("done", job)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # running jobs checkpoint and stop on Ctrl-C
+        raise
+    pool.shutdown(wait=True)
+    return failures
 
 
 # ----- the table ---------------------------------------------------------------------------------
@@ -307,6 +351,7 @@ class Result:
     markdown: Path
     csv: Path
     figures: list[Path]
+    failures: list[tuple[Job, str]] = field(default_factory=list)
 
 
 def compare(
@@ -319,15 +364,20 @@ def compare(
     runner: Runner = default_runner,
     on_event: Callable[[str, Job], None] | None = None,
 ) -> Result:
-    """Plan, run (reusing finished runs), tabulate and plot; see the module docstring."""
+    """Plan, run (reusing finished runs), tabulate and plot; see the module docstring.
+    ``parallel=0`` picks processes and threads with ``auto_parallel``. Runs that stopped
+    on a fault are left out of the table and listed in ``Result.failures``."""
     from hpt_dsl.plot import plot_runs
 
     out = Path(out)
     jobs = plan(recipes, seeds, overrides, out)
-    run_jobs(jobs, runner, parallel, threads, on_event)
-    rows = summarize([load_job(j) for j in jobs])
+    if parallel <= 0:
+        parallel, auto_threads = auto_parallel(sum(not finished(j) for j in jobs))
+        threads = threads or auto_threads
+    failures = run_jobs(jobs, runner, parallel, threads, on_event)
+    rows = summarize([load_job(j) for j in jobs if finished(j)])
     md, csv_path = out / "compare.md", out / "compare.csv"
     md.write_text(to_markdown(rows), encoding="utf-8")
     write_csv(rows, csv_path)
     figures = plot_runs(out_dir=out / "plots", runs=[r for row in rows for r in row.runs])
-    return Result(rows, md, csv_path, figures)
+    return Result(rows, md, csv_path, figures, failures)

@@ -14,7 +14,17 @@ import pytest
 from hpt_dsl.cli.main import app
 from typer.testing import CliRunner
 
-from hpt_dsl.compare import Job, compare, finished, plan, run_jobs, summarize, to_markdown
+from hpt_dsl.compare import (
+    Job,
+    RunFailed,
+    auto_parallel,
+    compare,
+    finished,
+    plan,
+    run_jobs,
+    summarize,
+    to_markdown,
+)
 from hpt_dsl.runs import RunData
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -78,6 +88,34 @@ def test_finished_runs_are_reused_and_unfinished_ones_resumed(tmp_path: Path) ->
     assert finished(fresh[0])
     changed = Job(**{**fresh[0].__dict__, "fingerprint": "other"})
     assert not finished(changed)
+
+
+def failing_runner(job: Job, resume: bool, threads: int) -> None:
+    if job.seed == 1:
+        raise RunFailed("stopped after 3 non-finite steps in a row")
+    fake_runner(job, resume, threads)
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_a_faulty_run_is_reported_and_the_others_go_on(tmp_path: Path, parallel: int) -> None:
+    jobs = _jobs(tmp_path, ("sft", "hpt"), 2)
+    failures = run_jobs(jobs, failing_runner, parallel=parallel)
+    assert sorted((j.label, j.seed) for j, _ in failures) == [("hpt", 1), ("sft", 1)]
+    assert all("non-finite" in m for _, m in failures)
+    assert [finished(j) for j in jobs] == [True, False, True, False]
+
+
+def test_compare_tabulates_only_finished_runs(tmp_path: Path) -> None:
+    recipes = [str(RECIPES / "sft.hpt"), str(RECIPES / "hpt.hpt")]
+    res = compare(recipes, seeds=2, out=tmp_path, runner=failing_runner)
+    assert [(r.label, r.seeds) for r in res.rows] == [("sft", 1), ("hpt", 1)]
+    assert len(res.failures) == 2
+
+
+def test_auto_parallel_shares_the_cores() -> None:
+    procs, threads = auto_parallel(9)
+    assert 1 <= procs <= 9 and threads >= 1
+    assert auto_parallel(1)[0] == 1
 
 
 def test_parallel_processes_run_every_job(tmp_path: Path) -> None:
