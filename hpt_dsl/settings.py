@@ -22,7 +22,9 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """[model] which policy to post-train."""
 
-    name: str = Field("tiny", description="'tiny' (built-in), an alias such as 'smollm2-135m', a local path or a hub name")
+    name: str = Field(
+        "tiny", description="'tiny' (built-in), an alias such as 'smollm2-135m', a local path or a hub name"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     system_prompt: str | None = Field(None, description="system message put before every question; None = none")
     prompt_template: str | None = Field(
