@@ -420,13 +420,10 @@ class LossProgram:
                 x = x[:, :width]
             return x if x.dtype == dt else x.to(dt)
 
-        old = (
-            lp.detach()
-            if prep.old_is_current
-            else None
-            if prep.old_logprobs is None
-            else take(prep.old_logprobs)
-        )
+        if prep.old_is_current:
+            old: Tensor | None = lp.detach()
+        else:
+            old = None if prep.old_logprobs is None else take(prep.old_logprobs)
         ref = None if prep.ref_logprobs is None else take(prep.ref_logprobs)
         if entropy is not None:
             entropy = torch.where(mask, entropy, 0.0)
