@@ -607,6 +607,6 @@ def _clean(xs: list[Tensor | None], mask: Tensor, dtype: torch.dtype) -> list[Te
     if not given:
         return xs
     pad = ~mask
-    dirty = torch.stack([(x * pad).ne(0).any() for x in given]).tolist()  # NaN * 0 is NaN: dirty
+    dirty = torch.stack([(x * pad).any() for x in given]).tolist()  # inf * 0 and NaN * 0 are NaN: dirty
     flags = iter(dirty)
     return [None if x is None else torch.where(mask, x, 0.0) if next(flags) else x for x in xs]
