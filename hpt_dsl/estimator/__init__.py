@@ -6,7 +6,8 @@
     out = program.loss(prep, logprobs=mb_logprobs, rows=idx)
 
 One module per component kind (mask, denom, adv, grad, agg, regularize, gate), each
-component a function registered by name (registry.register).
+component a function registered by name (registry.register); stats.py computes the
+per-question statistics, compile.py flattens a recipe into terms, program.py runs them.
 """
 
 from __future__ import annotations
