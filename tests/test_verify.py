@@ -214,3 +214,16 @@ def test_score_batch_takes_any_reward_function() -> None:
 
     assert score_batch(exact, ["1", "2"], ["1", "3"]) == [1.0, 0.0]
     assert score_batch(make_reward(DataSettings()), [r"\boxed{1}", "2"], ["1", "2"]) == [1.0, 0.0]
+
+
+def test_math_verify_in_process_off_the_main_thread() -> None:
+    """math-verify's own timeout uses signals, which only the main thread may set: a reward
+    called from another thread must still score, not fail every answer."""
+    import threading
+
+    out: list[float] = []
+    reward = Reward("math_verify", workers=0, timeout=5)
+    worker = threading.Thread(target=lambda: out.append(reward(r"\boxed{0.5}", "1/2")))
+    worker.start()
+    worker.join()
+    assert out == [1.0]

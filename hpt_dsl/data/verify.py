@@ -28,6 +28,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -154,7 +155,8 @@ def math_verify_reward(response: str, answer: str, timeout: float | None = None)
     """
     from math_verify import parse, verify
 
-    seconds = max(1, math.ceil(timeout)) if timeout else None
+    in_main = threading.current_thread() is threading.main_thread()  # signals work there only
+    seconds = max(1, math.ceil(timeout)) if timeout and in_main else None
     reference = answer if "\\boxed" in answer or "$" in answer else f"${answer}$"
     try:
         gold = parse(reference, parsing_timeout=seconds)
