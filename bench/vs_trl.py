@@ -1,7 +1,7 @@
 """GRPO throughput on a CPU: hpt-dsl's ``recipes/grpo.hpt`` against TRL's ``GRPOTrainer``.
 
     pip install -c constraints.txt -e ".[bench]"      # TRL, pinned
-    python bench/vs_trl.py                            # 2 rounds x 8 steps each, alternating
+    python bench/vs_trl.py                            # 2 rounds x 20 steps each, alternating
     python bench/vs_trl.py --steps 12 --rounds 3 --threads 2
 
 The same work on both sides:
@@ -22,12 +22,15 @@ The same work on both sides:
 Rounds alternate the order (hpt-dsl first, then TRL first, ...) so that a load that drifts
 over time (a shared machine) hits both alike. A step's time is from its start (sampling)
 to the end of its optimizer step (and, for hpt-dsl, the weight sync to its rollout
-engine); model loading and evaluation are excluded on both sides.
+engine); model loading and evaluation are excluded on both sides. Both wall seconds and
+process CPU seconds are recorded per step: with one thread (``--threads 1``, the default,
+the fastest setting for this model on a small CPU) CPU seconds are the work a step costs,
+little disturbed by other programs on the machine.
 
 Prints a table and writes ``bench/results/vs_trl.json``: steps/s, generated tokens/s, their
-ratio hpt-dsl / TRL, the reward of the first and last steps of each side (learning check:
-the mean reward of the last third of the steps is above that of the first third), and
-hpt-dsl's time split (rollout, reward, log-prob passes, update).
+ratio hpt-dsl / TRL (wall, and per CPU second), the reward of the first and last steps of
+each side (learning check: the mean reward of the last third of the steps is above that of
+the first third), and hpt-dsl's time split (rollout, reward, log-prob passes, update).
 """
 
 from __future__ import annotations
@@ -282,14 +285,14 @@ def run_trl(args: argparse.Namespace, model: Path, seed: int, work: Path, side: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=8, help="GRPO steps per round and framework")
+    p.add_argument("--steps", type=int, default=20, help="GRPO steps per round and framework")
     p.add_argument(
         "--rounds", type=int, default=2, help="rounds; each runs both frameworks, order alternating"
     )
-    p.add_argument("--questions", type=int, default=8, help="questions per step")
+    p.add_argument("--questions", type=int, default=16, help="questions per step")
     p.add_argument("--n", type=int, default=8, help="rollouts per question (group size)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--micro-batch", type=int, default=64)
     p.add_argument("--warm-steps", type=int, default=300, help="SFT steps that build the start model")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both (0 = torch's default)")
