@@ -78,8 +78,9 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from hpt_dsl import models
     from hpt_dsl.data.files import DataError
     from hpt_dsl.data.verify import RewardError
+    from hpt_dsl.rollout.vllm import RolloutEngineError
 
-    return (models.ModelError, DataError, RewardError, ValidationError, FileNotFoundError)
+    return (models.ModelError, DataError, RewardError, RolloutEngineError, ValidationError, FileNotFoundError)
 
 
 def _run_settings(model: str) -> dict[str, Any] | None:
