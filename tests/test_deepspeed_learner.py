@@ -77,19 +77,34 @@ def train_step(learner, program, batch: TrainBatch, step: int, poison: bool = Fa
             "tokens": float(result.tokens)}
 
 
-def new_learner(model_dir: str, stage: int):  # noqa: ANN201
+def new_learner(model_dir: str, stage: int, ds_optimizer: bool = False):  # noqa: ANN201
+    """A DeepSpeed learner on the tiny model. ``ds_optimizer``: the CUDA configuration path
+    (DeepSpeed builds AdamW from the config, the schedule is rebuilt on it), with
+    ``torch_adam`` so that it runs on CPU."""
     from hpt_dsl.learner.deepspeed import DeepSpeedLearner
+    from hpt_dsl.learner.ds_config import generate
 
     torch.manual_seed(0)
     model, tokenizer = load_local(Path(model_dir))
-    return DeepSpeedLearner(recipe("deepspeed", stage), model, tokenizer)
+    r = recipe("deepspeed", stage)
+    config = None
+    if ds_optimizer:
+        config = generate(r.settings, dist.world_size(), cuda=True)
+        config["optimizer"]["params"]["torch_adam"] = True
+    return DeepSpeedLearner(r, model, tokenizer, config=config)
 
 
 def deepspeed_worker(model_dir: str, out_dir: str, resume: bool) -> None:
     """Every stage in turn: 3 updates (checkpoint after 2); with ``resume``, a second learner
-    resumes from the checkpoint, redoes update 3, then takes a non-finite step."""
+    resumes from the checkpoint, redoes update 3, then takes a non-finite step; then ZeRO-3
+    with DeepSpeed's optimizer from the config."""
     out: dict[str, object] = {}
     program = compile_recipe(recipe("deepspeed"))
+    learner = new_learner(model_dir, 3, ds_optimizer=True)
+    for step in range(UPDATES):
+        out[f"3-dsopt/metrics/{step}"] = train_step(learner, program, local_batch(make_batch(step)), step)
+    out["3-dsopt/params"] = learner.full_state_dict()
+    learner.close()
     for stage in STAGES:
         learner = new_learner(model_dir, stage)
         ckpt = Path(out_dir) / f"ckpt-{stage}"
@@ -150,7 +165,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", [*STAGES, "3-dsopt"])
 def test_same_parameters_as_plain_learner(runs: dict, world: int, stage: int) -> None:
     plain = runs["plain"]["params"]
     ds = runs[f"world{world}"][f"{stage}/params"]
@@ -159,7 +174,7 @@ def test_same_parameters_as_plain_learner(runs: dict, world: int, stage: int) ->
 
 
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", [*STAGES, "3-dsopt"])
 def test_same_metrics_as_plain_learner(runs: dict, world: int, stage: int) -> None:
     for step in range(UPDATES):
         plain = runs["plain"][f"metrics/{step}"]

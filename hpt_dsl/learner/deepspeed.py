@@ -137,7 +137,8 @@ class DeepSpeedLearner(TorchLearner):
         optimizer's hyper-parameters) and the schedule is rebuilt on its optimizer."""
         config = json.loads(json.dumps(config))
         if "optimizer" in config:
-            config["optimizer"]["params"] = _optimizer_params(optimizer)
+            section = config["optimizer"]
+            section["params"] = {**section.get("params", {}), **_optimizer_params(optimizer)}
             lam = scheduler.lr_lambdas[0] if scheduler is not None else None
 
             def schedule(opt: Any) -> Any:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from hpt_dsl.settings import Settings
+from hpt_dsl.train import SetupError
 
 Config = dict[str, Any]
 
@@ -49,8 +50,9 @@ ADAM_EPS = 1e-8
 """AdamW's epsilon, the same in every learner."""
 
 
-class DeepSpeedConfigError(ValueError):
-    """A DeepSpeed override that cannot be used; the message says where and what to do."""
+class DeepSpeedConfigError(SetupError):
+    """A DeepSpeed override that cannot be used; the message says where and what to do
+    (bad input: ``hpt-dsl run`` exits with code 2)."""
 
 
 def accumulation_steps(settings: Settings, world_size: int, micro: int | None = None) -> int:
@@ -229,6 +231,16 @@ def _deepspeed_validation(config: Config, source: str) -> None:
         raise DeepSpeedConfigError(f"{source}: {prefix}{where}: {first['msg']}") from None
     except (AssertionError, ValueError, TypeError, KeyError) as err:
         raise DeepSpeedConfigError(f"{source}: DeepSpeed rejects the config: {err}") from None
+
+
+def preflight(settings: Settings) -> Config:
+    """The run's DeepSpeed config, checked: call it before loading the model, so that a wrong
+    override costs a second (world size from the launcher's environment)."""
+    import torch
+
+    from hpt_dsl import dist
+
+    return build_config(settings, dist.world_size(), torch.cuda.is_available())
 
 
 def build_config(settings: Settings, world_size: int, cuda: bool) -> Config:
