@@ -290,7 +290,7 @@ def summarize(runs: Sequence[RunData]) -> list[Row]:
         walls = [float(w) for w in (r.info.get("wall_s", r.info.get("seconds")) for r in g)
                  if isinstance(w, (int, float))]
         row.wall_s = sum(walls) / len(walls) if walls else None
-        tps = [v for r in g for v in runfiles.step_series(r, "tokens_per_s").values()]
+        tps = [v for r in g for v in runfiles.step_series(r, "tokens_per_s").values() if v > 0]
         row.tokens_per_s = sum(tps) / len(tps) if tps else None
         rows.append(row)
     return rows

@@ -171,25 +171,38 @@ def final_pass_at_k(run: RunData) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
+def _prefixed(run: RunData, prefix: str) -> dict[str, dict[float, float]]:
+    """{name: {step: value}} of the one-level keys ``<prefix>/<name>`` of the training lines
+    (deeper keys such as ``gate/<term>/nonfinite`` are diagnostics)."""
+    out: dict[str, dict[float, float]] = {}
+    for row in run.steps:
+        if "step" not in row:
+            continue
+        for k, v in row.items():
+            if k.startswith(prefix + "/") and k.count("/") == 1 and isinstance(v, (int, float)):
+                out.setdefault(k[len(prefix) + 1 :], {})[float(row["step"])] = float(v)
+    return out
+
+
 def gate_shares(runs: list[RunData]) -> tuple[list[float], dict[str, list[float]]]:
-    """(steps, {branch: mean share over runs}) from ``gate/<branch>`` keys (deeper keys such
-    as ``gate/<branch>/nonfinite`` are diagnostics, not branches)."""
-    per_run = []
-    for r in runs:
-        series: dict[str, dict[float, float]] = {}
-        for row in r.steps:
-            for k, v in row.items():
-                branch = k.startswith("gate/") and k.count("/") == 1
-                if branch and isinstance(v, (int, float)) and "step" in row:
-                    series.setdefault(k[5:], {})[float(row["step"])] = float(v)
-        if series:
-            per_run.append(series)
+    """(steps, {branch: share of questions, mean over runs}) of a gated recipe.
+
+    The branches are the ``branch/<condition>`` keys (shares that sum to 1 per step). A
+    branch is named ``<condition>: <term>`` when its share equals the share of questions
+    one loss term (``gate/<term>``) trains, at every step of every run. Empty when the
+    recipe has no gate (a plain sum of terms trains every question on every term)."""
+    per_run = [(_prefixed(r, "branch"), _prefixed(r, "gate")) for r in runs]
+    per_run = [(b, g) for b, g in per_run if len(b) > 1]
     if not per_run:
         return [], {}
-    branches = list(per_run[0])
-    steps = sorted(set.intersection(*(set(s) for p in per_run for s in p.values())))
+    branches = list(per_run[0][0])
+    steps = sorted(set.intersection(*(set(s) for b, _ in per_run for s in b.values())))
     n = len(per_run)
-    shares = {b: [sum(p.get(b, {}).get(s, 0.0) for p in per_run) / n for s in steps] for b in branches}
+    shares: dict[str, list[float]] = {}
+    for name in branches:
+        same = [t for t in per_run[0][1] if all(b.get(name) == g.get(t) for b, g in per_run)]
+        label = f"{name}: {same[0]}" if len(same) == 1 else name
+        shares[label] = [sum(b.get(name, {}).get(s, 0.0) for b, _ in per_run) / n for s in steps]
     return steps, shares
 
 

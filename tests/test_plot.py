@@ -26,7 +26,10 @@ def write_run(
         row = {"step": s, "reward/mean": s / steps + 0.01 * seed, "entropy": 1.0 / s,
                "response_length": 20 + s, "loss": 1.0 / s, "loss/sft": sft, "tokens_per_s": 100.0 + seed}
         if gate:
-            row.update({"gate/sft": sft, "gate/grpo": 1 - sft})
+            row.update({"gate/sft": sft, "gate/grpo": 1 - sft, "gate/sft/nonfinite": 0.0,
+                        "branch/acc > 0": 1 - sft, "branch/else": sft})
+        else:  # a plain sum: every question trains on every term, no branches
+            row.update({"gate/sft": 1.0, "gate/off": 1.0})
         if evals and s % 4 == 0:
             acc = s / steps / (1 + seed)
             row.update({"eval/avg@4": acc, "eval/pass@1": acc, "eval/pass@2": min(1, 1.5 * acc),
@@ -87,8 +90,10 @@ def test_load_run_reads_evaluations_gate_and_pass_at_k(tmp_path: Path) -> None:
     assert [e["step"] for e in run.evals] == [4, 8, 12]
     assert final_pass_at_k(run) == pytest.approx({1: 0.5, 2: 0.75, 4: 1.0})
     steps, shares = gate_shares([run])
-    assert steps[0] == 1.0 and shares["sft"][0] == pytest.approx(7 / 8)
-    assert all(math.isclose(a + b, 1.0) for a, b in zip(shares["sft"], shares["grpo"], strict=True))
+    assert list(shares) == ["acc > 0: grpo", "else: sft"]  # each branch named by the term it trains
+    assert steps[0] == 1.0 and shares["else: sft"][0] == pytest.approx(7 / 8)
+    pairs = zip(shares["else: sft"], shares["acc > 0: grpo"], strict=True)
+    assert all(math.isclose(a + b, 1.0) for a, b in pairs)
 
 
 def test_torn_last_line_is_ignored_but_damage_inside_is_an_error(tmp_path: Path) -> None:
