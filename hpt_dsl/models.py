@@ -41,7 +41,7 @@ TINY_CONFIG: dict[str, Any] = dict(
     rms_norm_eps=1e-6,
     attention_bias=False,
     mlp_bias=False,
-    initializer_range=0.02,
+    initializer_range=0.05,
 )
 
 CHAT_TEMPLATE = (

@@ -230,10 +230,8 @@ class TorchLearner(Learner):
 
 
 def _scheduler_state(scheduler: Any) -> dict[str, Any]:
-    """The scheduler's plain state (the lambda itself is rebuilt from the settings)."""
-    state = scheduler.state_dict()
-    state.pop("lr_lambdas", None)
-    return state
+    """The scheduler's plain state (its lambda is rebuilt from the settings: saved as None)."""
+    return scheduler.state_dict()
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer, stem: Path) -> None:

@@ -86,8 +86,8 @@ class HFRolloutEngine(RolloutEngine):
         config = GenerationConfig(
             do_sample=not greedy,
             temperature=None if greedy else params.temperature,
-            top_p=params.top_p if params.top_p < 1.0 else None,
-            top_k=params.top_k if params.top_k > 1 else None,
+            top_p=params.top_p,  # explicit: None would mean transformers' default (top_k=50)
+            top_k=params.top_k,  # 0 = no top-k filtering
             max_new_tokens=params.max_new_tokens,
             num_return_sequences=params.n,
             eos_token_id=sorted(self.eos_ids),

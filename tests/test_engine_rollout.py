@@ -1,0 +1,106 @@
+"""The transformers rollout engine: ordering, finish reasons, log-probs, seeds, weight sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpt_dsl import models
+from hpt_dsl.rollout.base import SamplingParams
+from hpt_dsl.rollout.hf import HFRolloutEngine
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
+    path = models.build_tiny(tmp_path_factory.mktemp("tiny") / "m", seed=0)
+    return models.load_local(path)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny: tuple[object, object]) -> list[list[int]]:
+    _, tok = tiny
+    return [tok(s, add_special_tokens=False).input_ids for s in ("3+5", "47+38", "9")]  # type: ignore[operator]
+
+
+def _forward_logprobs(model: object, prompt: list[int], response: tuple[int, ...], tau: float) -> torch.Tensor:
+    ids = torch.tensor([prompt + list(response)])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].double()  # type: ignore[operator]
+    return torch.log_softmax(logits / tau, -1).gather(1, torch.tensor(response)[:, None]).squeeze(1)
+
+
+def test_n_samples_per_prompt_in_order_with_log_probs_of_the_sampled_tokens(tiny, prompts) -> None:
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok)
+    tau = 0.7
+    out = engine.generate(prompts, SamplingParams(n=3, temperature=tau, max_new_tokens=12, seed=5))
+    assert [r.prompt_index for r in out] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for r in out:
+        assert len(r.logprobs) == len(r.token_ids) >= 1
+        if r.finish_reason == "stop":
+            assert r.token_ids[-1] == tok.eos_token_id and tok.eos_token_id not in r.token_ids[:-1]
+        else:
+            assert len(r.token_ids) == 12 and tok.eos_token_id not in r.token_ids
+        # log_softmax(logits / tau) of the sampled token, the learner's convention
+        expected = _forward_logprobs(model, prompts[r.prompt_index], r.token_ids, tau)
+        assert torch.allclose(torch.tensor(r.logprobs, dtype=torch.float64), expected, atol=1e-4)
+
+
+def test_left_padding_does_not_change_the_log_probs(tiny, prompts) -> None:
+    """A short prompt batched with a long one (left-padded) samples under the same policy."""
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok)
+    alone = engine.generate([prompts[2]], SamplingParams(n=1, top_k=1, max_new_tokens=8))
+    batched = engine.generate(prompts, SamplingParams(n=1, top_k=1, max_new_tokens=8))
+    assert batched[2].token_ids == alone[0].token_ids
+    assert batched[2].logprobs == pytest.approx(alone[0].logprobs, abs=1e-4)
+
+
+def test_same_seed_same_rollouts_other_seed_other_rollouts(tiny, prompts) -> None:
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok)
+    p = SamplingParams(n=4, max_new_tokens=10, seed=1)
+    a = engine.generate(prompts, p)
+    torch.rand(5)  # the global RNG does not matter
+    assert engine.generate(prompts, p) == a
+    assert engine.generate(prompts, SamplingParams(n=4, max_new_tokens=10, seed=2)) != a
+
+
+def test_greedy_is_the_argmax(tiny, prompts) -> None:
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok)
+    out = engine.generate(prompts[:1], SamplingParams(n=1, top_k=1, max_new_tokens=6))[0]
+    ids = torch.tensor([prompts[0]])
+    expected = []
+    with torch.no_grad():
+        for _ in range(len(out.token_ids)):
+            nxt = int(model(ids).logits[0, -1].argmax())  # type: ignore[operator]
+            expected.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    assert list(out.token_ids) == expected
+
+
+def test_no_default_top_k_filtering_sneaks_in(tiny, prompts) -> None:
+    """top_k = 0 means the full distribution: with a flat policy, tokens outside the 50 most
+    likely ones (transformers' default top_k) get sampled."""
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok)
+    out = engine.generate(prompts, SamplingParams(n=16, temperature=5.0, max_new_tokens=16, seed=0))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[0]])).logits[0, -1]  # type: ignore[operator]
+    top50 = set(torch.topk(logits, 50).indices.tolist())
+    firsts = {r.token_ids[0] for r in out if r.prompt_index == 0}
+    assert firsts - top50, "every first token came from the top 50: a hidden top-k filter"
+
+
+def test_load_weights_copies_unshared_tensors(tiny, prompts, tmp_path: Path) -> None:
+    model, tok = tiny
+    other, _ = models.load_local(models.build_tiny(tmp_path / "other", seed=7))
+    engine = HFRolloutEngine(other, tok)
+    greedy = SamplingParams(n=1, top_k=1, max_new_tokens=8)
+    engine.load_weights(model.named_parameters())  # type: ignore[attr-defined]
+    for (_, a), (_, b) in zip(other.named_parameters(), model.named_parameters(), strict=True):  # type: ignore[attr-defined]
+        assert torch.equal(a, b)
+    assert engine.generate(prompts, greedy) == HFRolloutEngine(model, tok).generate(prompts, greedy)

@@ -1,0 +1,78 @@
+"""The built-in tiny model: a real transformers checkpoint on disk, deterministic from the seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hpt_dsl import models
+from hpt_dsl.prompting import encode_prompt, encode_response
+from hpt_dsl.settings import ModelSettings
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return models.build_tiny(tmp_path_factory.mktemp("tiny") / "m", seed=0)
+
+
+def test_tiny_reloads_through_the_auto_classes(tiny: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    tok = AutoTokenizer.from_pretrained(tiny)
+    assert model.config.head_dim == 64  # vLLM's CPU attention needs head_dim >= 64
+    assert model.config.vocab_size == models.VOCAB_SIZE >= len(tok)
+    assert tok.eos_token == models.EOS and tok.pad_token == models.PAD
+    text = "47+38\n7+8=15 \\boxed{85} ~!"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) == len(text)  # one token per character
+    assert tok.decode(ids) == text
+
+
+def test_chat_template_and_prompt_template(tiny: Path) -> None:
+    _, tok = models.load_local(tiny)
+    ids = encode_prompt(tok, "3+5", ModelSettings())
+    assert tok.decode(ids) == "<|im_start|>user\n3+5<|im_end|>\n<|im_start|>assistant\n"
+    with_system = encode_prompt(tok, "3+5", ModelSettings(system_prompt="Be brief."))
+    assert tok.decode(with_system).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    raw = encode_prompt(tok, "3+5", ModelSettings(prompt_template="Q: {question}\nA:"))
+    assert tok.decode(raw) == "Q: 3+5\nA:"
+    demo = encode_response(tok, "\\boxed{8}")
+    assert demo[-1] == tok.eos_token_id and tok.decode(demo[:-1]) == "\\boxed{8}"
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None:
+    a, _ = models.load_local(models.build_tiny(tmp_path / "a", seed=3))
+    b, _ = models.load_local(models.build_tiny(tmp_path / "b", seed=3))
+    c, _ = models.load_local(models.build_tiny(tmp_path / "c", seed=4))
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
+
+
+def test_building_does_not_touch_the_global_rng(tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    models.build_tiny(tmp_path / "m", seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_load_model_builds_once_under_the_run_folder(tmp_path: Path) -> None:
+    model, tok = models.load_model(ModelSettings(), seed=0, workdir=tmp_path)
+    assert (tmp_path / "base-model" / "config.json").exists()
+    weights = (tmp_path / "base-model" / "model.safetensors").stat().st_mtime_ns
+    models.load_model(ModelSettings(), seed=0, workdir=tmp_path)
+    assert (tmp_path / "base-model" / "model.safetensors").stat().st_mtime_ns == weights
+    assert tok.padding_side == "left"
+
+
+def test_other_names_go_through_the_hub_loader(tiny: Path) -> None:
+    model, tok = models.load_model(ModelSettings(name=str(tiny)), seed=0, workdir=tiny.parent)
+    assert model.config.head_dim == 64 and tok.eos_token == models.EOS
+
+
+def test_a_folder_without_config_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(models.ModelError, match="no config.json"):
+        models.load_local(tmp_path)
