@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpt_dsl.learner.ds_config import DeepSpeedConfigError, build_config, generate, merge
+from hpt_dsl.learner.ds_config import DeepSpeedConfigError, build_config, generate, merge, preflight
 from hpt_dsl.settings import Settings
 
 
@@ -99,6 +99,17 @@ def test_wrong_override_names_file_key_and_fix(tmp_path: Path, override: dict, l
 def test_offload_without_zero_is_an_error() -> None:
     with pytest.raises(DeepSpeedConfigError, match="learner.offload = true needs learner.zero_stage >= 1"):
         build_config(settings(offload=True, zero_stage=0), world_size=1, cuda=False)
+
+
+def test_zero3_over_processes_needs_vllm_rollouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's check: the hf engine samples with the learner's (sharded) model."""
+    assert preflight(settings(zero_stage=3))["zero_optimization"]["stage"] == 3  # one process: fine
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DeepSpeedConfigError, match='zero_stage = 3 over 2 processes needs rollout.engine = "vllm"'):
+        preflight(settings(zero_stage=3))
+    s = settings(zero_stage=3)
+    s.rollout.engine = "vllm"
+    assert preflight(s)["zero_optimization"]["stage"] == 3
 
 
 def test_bad_json_and_missing_file_give_place(tmp_path: Path) -> None:

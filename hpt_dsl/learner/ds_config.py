@@ -234,13 +234,20 @@ def _deepspeed_validation(config: Config, source: str) -> None:
 
 
 def preflight(settings: Settings) -> Config:
-    """The run's DeepSpeed config, checked: call it before loading the model, so that a wrong
-    override costs a second (world size from the launcher's environment)."""
+    """The run's DeepSpeed config, checked, and the training loop's own limits: call it before
+    loading the model, so that a wrong setting costs a second (world size from the launcher's
+    environment)."""
     import torch
 
     from hpt_dsl import dist
 
-    return build_config(settings, dist.world_size(), torch.cuda.is_available())
+    world = dist.world_size()
+    if settings.learner.zero_stage == 3 and world > 1 and settings.rollout.engine == "hf":
+        raise DeepSpeedConfigError(
+            f"learner.zero_stage = 3 over {world} processes needs rollout.engine = \"vllm\": the hf engine "
+            "samples with the learner's sharded model, whose every forward pass needs all processes at "
+            "once; use learner.zero_stage = 2 (or 1) with the hf engine")
+    return build_config(settings, world, torch.cuda.is_available())
 
 
 def build_config(settings: Settings, world_size: int, cuda: bool) -> Config:
