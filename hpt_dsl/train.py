@@ -88,10 +88,14 @@ class Trainer:
     """The loop's state: recipe, program, model, engine, learner, data, run folder."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, reporter: Reporter) -> None:
+        from transformers.utils import logging as hf_logging
+
         from hpt_dsl.estimator import compile_recipe
         from hpt_dsl.learner.base import make_learner
         from hpt_dsl.models import load_model
         from hpt_dsl.rollout.base import make_rollout_engine
+
+        hf_logging.disable_progress_bar()  # the run has its own live view
 
         self.recipe = recipe
         self.s = recipe.settings

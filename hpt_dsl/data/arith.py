@@ -2,16 +2,19 @@
 
 Questions are additions, subtractions and multiplications at three levels of difficulty:
 
-    level 1  one digit  op one digit       3+5      7-4      6*7
-    level 2  two digits op one digit       47+8     52-7     23*4
+    level 1  one digit  op one digit       3+5      7-4      6*3
+    level 2  two digits op one digit       47+8     52-7     23*2
     level 3  two digits op two digits      47+38    82-37    (no multiplication)
+
+Multiplication is by 2 or 3 only. Additions are 70% of each level, subtractions 20%,
+multiplications 10% (``OP_WEIGHTS``).
 
 Every question has a demonstration that works column by column, right to left, and ends
 in ``\\boxed{answer}``; carries and borrows are written into the next column::
 
     47+38   ->  7+8=15 / 4+3+1=8 / \\boxed{85}
     82-37   ->  12-7=5 / 7-3=4 / \\boxed{45}
-    23*4    ->  3*4=12 / 2*4+1=9 / \\boxed{92}
+    48*3    ->  8*3=24 / 4*3+2=14 / \\boxed{144}
 
 (lines separated by newlines). Subtraction never goes below zero. The pool of distinct
 questions is shuffled by the seed and split into a fixed train and test set, so test
@@ -30,6 +33,10 @@ from hpt_dsl.data.base import Question
 
 LEVEL_WEIGHTS = {1: 0.35, 2: 0.4, 3: 0.25}
 """Share of each difficulty level in the train and test sets."""
+OP_WEIGHTS = {"+": 0.7, "-": 0.2, "*": 0.1}
+"""Share of each operation within a level (renormalised over the operations it has).
+Additions dominate: a run of a few minutes learns their column facts; subtractions
+(borrows) and multiplications are the questions that keep needing demonstrations."""
 MULTIPLIERS = (2, 3)
 """Multiplication is by one small digit, so its facts are few and learnable in one run."""
 
@@ -91,20 +98,26 @@ def _pool() -> list[tuple[int, int, str, int]]:
 def make_questions(
     seed: int, n_train: int = 2000, n_test: int = 200
 ) -> tuple[list[Question], list[Question]]:
-    """(train, test): disjoint, each with the level shares of ``LEVEL_WEIGHTS``."""
+    """(train, test): disjoint; each (level, operation) cell gets its share
+    ``LEVEL_WEIGHTS[level] * OP_WEIGHTS[op]`` (renormalised within the level) of both sets,
+    the train share capped by what the cell holds after the test questions."""
     rng = random.Random(seed)
-    by_level: dict[int, list[tuple[int, int, str, int]]] = {}
+    cells: dict[tuple[int, str], list[tuple[int, int, str, int]]] = {}
     for item in _pool():
-        by_level.setdefault(item[0], []).append(item)
+        cells.setdefault((item[0], item[2]), []).append(item)
     train: list[Question] = []
     test: list[Question] = []
-    for level, share in LEVEL_WEIGHTS.items():
-        items = by_level[level]
-        rng.shuffle(items)
-        k_test = round(n_test * share)
-        k_train = min(round(n_train * share), len(items) - k_test)
-        test += [_question(x) for x in items[:k_test]]
-        train += [_question(x) for x in items[k_test : k_test + k_train]]
+    for level, level_share in LEVEL_WEIGHTS.items():
+        ops = [op for (lv, op) in cells if lv == level]
+        norm = sum(OP_WEIGHTS[op] for op in ops)
+        for op in ops:
+            items = cells[(level, op)]
+            rng.shuffle(items)
+            share = level_share * OP_WEIGHTS[op] / norm
+            k_test = round(n_test * share)
+            k_train = min(round(n_train * share), len(items) - k_test)
+            test += [_question(x) for x in items[:k_test]]
+            train += [_question(x) for x in items[k_test : k_test + k_train]]
     rng.shuffle(train)
     rng.shuffle(test)
     train = [Question(i, q.prompt, q.answer, q.demo) for i, q in enumerate(train)]
