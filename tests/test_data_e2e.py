@@ -82,31 +82,37 @@ def test_hpt_on_smollm2_with_real_math_then_eval(smollm2: str, tmp_path: Path) -
 
 
 CUSTOM = '''
-def shows_work(response, answer):
-    """1.0 for a response with a digit in it: some of SmolLM2's rollouts have one, some not."""
-    return float(any(c.isdigit() for c in response))
+def even_answer(response, answer):
+    """1.0 for every rollout of a question whose reference answer is even, else 0.0."""
+    return float(int(answer) % 2 == 0)
 '''
 
 
 @pytest.mark.slow
-def test_custom_reward_drives_the_rl_branch(
+def test_custom_reward_and_the_gate_route_each_question(
     smollm2: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hpt_dsl.train import run_recipe
+    """A custom reward through the whole loop, with pass rates known in advance: questions
+    with an even answer are always solved (RL branch, zero group advantage), the others never
+    (SFT branch), so the gate's split must equal the share of even answers."""
+    from hpt_dsl.data.files import load_questions
+    from hpt_dsl.settings import DataSettings
+    from hpt_dsl.train import run_recipe, step_questions
 
     (tmp_path / "my_reward.py").write_text(textwrap.dedent(CUSTOM))
     monkeypatch.syspath_prepend(str(tmp_path))
-    over = [*SMALL, "data.reward=my_reward:shows_work", "train.steps=1", "rollout.max_new_tokens=16",
-            "data.max_test=1"]
+    over = [*SMALL, "data.reward=my_reward:even_answer", "train.steps=1", "train.questions=4",
+            "rollout.max_new_tokens=16", "data.max_test=1"]
     result = run_recipe(RECIPE, overrides=over, output=tmp_path / "run", quiet=True)
     [r] = [x for x in _lines(result.run_dir) if x["kind"] == "train"]
-    assert r["gate/sft"] + r["gate/grpo"] == pytest.approx(1.0)
-    if r["acc"] == 1.0:
-        assert r["gate/grpo"] == 1.0 and r["loss/grpo"] == 0.0  # solved by every rollout: zero advantage
-    elif r["acc"] > 0:
-        assert r["gate/grpo"] > 0
-    else:
-        assert r["gate/sft"] == 1.0
+    train = load_questions(str(ROOT / "data/train/gsm8k_train.jsonl"), DataSettings())
+    chosen = [train[i] for i in step_questions(len(train), 4, 0, 0)]
+    even = sum(int(q.answer) % 2 == 0 for q in chosen) / len(chosen)
+    assert 0 < even < 1  # both branches are taken in this step
+    assert r["acc"] == pytest.approx(even)
+    assert r["gate/grpo"] == pytest.approx(even) and r["gate/sft"] == pytest.approx(1 - even)
+    assert r["loss/grpo"] == 0.0  # every rollout of an RL question scored alike: zero advantage
+    assert 0.2 < r["loss/sft"] < 4.0 and math.isfinite(r["loss"])
 
 
 def test_the_papers_two_prompt_styles(smollm2: str) -> None:
