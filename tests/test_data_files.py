@@ -211,3 +211,15 @@ def test_hub_dataset_offline_and_not_cached(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="cannot load dataset .*'nobody/no-such-dataset'.*HF_HUB_OFFLINE"):
         load_questions("nobody/no-such-dataset", DataSettings())
+
+
+def test_gzipped_jsonl_and_json_variants(tmp_path: Path) -> None:
+    import gzip
+
+    rows = [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "4"}]
+    with gzip.open(tmp_path / "x.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))  # JSON Lines as .json
+    (tmp_path / "wrapped.json").write_text(json.dumps({"version": 1, "data": rows}))
+    for name in ("x.jsonl.gz", "lines.json", "wrapped.json"):
+        assert [q.answer for q in load_questions(str(tmp_path / name), DataSettings())] == ["2", "4"], name
