@@ -296,13 +296,21 @@ def summarize(runs: Sequence[RunData]) -> list[Row]:
     return rows
 
 
-HEADER = ("recipe", "seeds", "held-out acc", "pass@k", "best step (acc)", "wall s / run", "tokens/s")
+def header(rows: Sequence[Row]) -> tuple[str, ...]:
+    """Column names; the pass@k column is named by its k when every row shares it."""
+    ks = {r.pass_k[0] for r in rows if r.pass_k}
+    pk = f"pass@{ks.pop()}" if len(ks) == 1 else "pass@k"
+    return ("recipe", "seeds", "held-out acc", pk, "best step", "wall s", "tok/s")
 
 
-def cells(row: Row) -> tuple[str, ...]:
-    """The row as the table's text cells."""
+def cells(row: Row, rows: Sequence[Row] = ()) -> tuple[str, ...]:
+    """The row as the table's text cells (``rows``: the whole table, for the pass@k column)."""
     acc = f"{row.acc[0]:.3f} ± {row.acc[1]:.3f}" if row.acc else "-"
-    pk = f"pass@{row.pass_k[0]} {row.pass_k[1]:.3f} ± {row.pass_k[2]:.3f}" if row.pass_k else "-"
+    pk = "-"
+    if row.pass_k:
+        pk = f"{row.pass_k[1]:.3f} ± {row.pass_k[2]:.3f}"
+        if header(rows or [row])[3] == "pass@k":
+            pk += f" (k={row.pass_k[0]})"
     best = "-"
     if row.best_step is not None and row.best_acc is not None:
         best = f"{row.best_step:g} ({row.best_acc:.3f})"
@@ -312,8 +320,9 @@ def cells(row: Row) -> tuple[str, ...]:
 
 
 def to_markdown(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    head = header(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells(r, rows)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -322,7 +331,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["recipe", "seeds", "acc_mean", "acc_std", "pass_k", "pass_k_mean", "pass_k_std",
-                    "best_step", "best_acc", "wall_s", "tokens_per_s"])
+                    "best_step", "best_acc", "wall_s", "tokens_per_s"])  # pass_k: the k of pass@k
         for r in rows:
             w.writerow([
                 r.label, r.seeds,
@@ -335,13 +344,19 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
 
 
 def rich_table(rows: Sequence[Row]) -> Any:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="compare (mean ± std over seeds; best step is chosen on the held-out set)")
-    for i, h in enumerate(HEADER):
-        table.add_column(h, justify="left" if i == 0 else "right")
+    table = Table(
+        title="mean ± std over seeds; the best step is picked on the held-out set (optimistic)",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    for i, h in enumerate(header(rows)):
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*cells(r))
+        table.add_row(*(c.replace(" ± ", "±") for c in cells(r, rows)))
     return table
 
 

@@ -143,7 +143,7 @@ def test_summary_statistics_over_seeds(tmp_path: Path) -> None:
     assert hpt.wall_s is not None and hpt.wall_s >= 0
     assert rows["sft"].acc is not None and rows["sft"].acc[0] == pytest.approx(0.3)
     md = to_markdown(list(rows.values()))
-    assert md.splitlines()[0].startswith("| recipe | seeds | held-out acc")
+    assert md.splitlines()[0] == "| recipe | seeds | held-out acc | pass@2 | best step | wall s | tok/s |"
     assert "| hpt | 3 | 0.700 ± 0.082 |" in md
 
 
