@@ -110,7 +110,9 @@ def _read_info(path: Path) -> dict[str, Any]:
                 seed = data.get("seed", data.get("settings", {}).get("train", {}).get("seed"))
                 label = data.get("label") or data.get("recipe_name") or data.get("name")
                 keep = {k: data[k] for k in ("completed", "wall_s") if k in data}
-                return {"seed": seed, "label": label, **keep}
+                needs = data.get("needs")
+                rollouts = needs.get("rollouts", True) if isinstance(needs, dict) else True
+                return {"seed": seed, "label": label, "rollouts": bool(rollouts), **keep}
     return {}
 
 
@@ -126,8 +128,14 @@ def lookup(row: dict[str, Any], name: str) -> float | None:
     return None
 
 
+ROLLOUT_METRICS = ("reward", "entropy", "response_length", "tokens_per_s")
+"""Metrics of the sampled responses: none for a run that samples none (pure SFT)."""
+
+
 def step_series(run: RunData, name: str) -> dict[float, float]:
     """{step: value} of metric ``name`` over the run's training lines."""
+    if name in ROLLOUT_METRICS and run.info.get("rollouts") is False:
+        return {}
     out = {}
     for row in run.steps:
         v = lookup(row, name)

@@ -84,6 +84,16 @@ def test_runs_without_evaluations_skip_the_accuracy_figures(tmp_path: Path) -> N
     assert "reward.png" in names
 
 
+def test_a_run_without_rollouts_draws_no_rollout_curves(tmp_path: Path) -> None:
+    sft = write_run(tmp_path, "sft", 0, gate=False)
+    (sft / "run.json").write_text(json.dumps({"label": "sft", "seed": 0, "needs": {"rollouts": False}}))
+    run = load_run(sft)
+    assert step_series(run, "reward") == {} and step_series(run, "response_length") == {}
+    assert step_series(run, "loss")  # its loss is still there
+    names = {p.name for p in plot_runs([sft], tmp_path / "plots", formats=("png",))}
+    assert "reward.png" not in names and "loss-sft.png" in names
+
+
 def test_load_run_reads_evaluations_gate_and_pass_at_k(tmp_path: Path) -> None:
     run = load_run(write_run(tmp_path, "hpt", 1))
     assert run.label == "hpt"
