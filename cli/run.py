@@ -7,6 +7,8 @@ checkpoint is kept), 130 interrupted (a checkpoint was saved; continue with --re
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import traceback
 from pathlib import Path
 
@@ -39,9 +41,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
 def run_command(
     recipe: Path = typer.Argument(..., metavar="RECIPE", help="recipe file (.hpt)"),
     overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
-    output: Path | None = typer.Option(
-        None, "--output", "-o", help="run folder (default runs/<recipe>-<time>)"
-    ),
+    output: Path | None = typer.Option(None, "--output", "-o", help="run folder (default runs/<recipe>-<time>)"),
     resume: Path | None = typer.Option(None, "--resume", metavar="RUN_DIR", help="continue this run folder"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no live view, no summary"),
     json_logs: bool = typer.Option(False, "--json-logs", help="print each metrics line as JSON on stdout"),
@@ -64,7 +64,12 @@ def run_command(
     try:
         if resume is not None and not resume.is_dir():
             raise SetupError(f"--resume {resume}: no such run folder")
-        result = train(r, run_dir, resume=resume is not None, quiet=quiet, json_logs=json_logs)
+        # stdout carries only the JSON lines: whatever a library prints goes to stderr
+        json_stream = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            result = train(
+                r, run_dir, resume=resume is not None, quiet=quiet, json_logs=json_logs, json_stream=json_stream
+            )
     except RunInterrupted as e:
         console.print(f"[yellow]{e}[/yellow]")
         raise typer.Exit(130) from None

@@ -22,7 +22,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -66,11 +66,19 @@ def gate_text(row: dict[str, Any]) -> str:
 class Reporter:
     """Writes metrics lines and shows progress; a context manager around the run."""
 
-    def __init__(self, run_dir: Path, total_steps: int, quiet: bool = False, json_logs: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        quiet: bool = False,
+        json_logs: bool = False,
+        json_stream: TextIO | None = None,
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.total = total_steps
         self.quiet = quiet
         self.json_logs = json_logs
+        self.json_stream = json_stream or sys.stdout
         self.console = Console(stderr=True, highlight=False)
         self.progress: Progress | None = None
         self.task: Any = None
@@ -109,8 +117,8 @@ class Reporter:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
         if self.json_logs:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            self.json_stream.write(line + "\n")
+            self.json_stream.flush()
 
     def step(self, row: dict[str, Any]) -> None:
         self._write(row)
@@ -169,12 +177,8 @@ class Reporter:
             ):
                 if key in first or key in last:
                     table.add_row(label, _fmt(first.get(key)), _fmt(last.get(key)))
-            for key in sorted(
-                {k for r in (first, last) for k in r if k.startswith("gate/") and k.count("/") == 1}
-            ):
-                table.add_row(
-                    f"share {key[5:]}", _fmt(first.get(key), pct=True), _fmt(last.get(key), pct=True)
-                )
+            for key in sorted({k for r in (first, last) for k in r if k.startswith("gate/") and k.count("/") == 1}):
+                table.add_row(f"share {key[5:]}", _fmt(first.get(key), pct=True), _fmt(last.get(key), pct=True))
             tps = [r["tokens_per_s"] for r in train_rows if "tokens_per_s" in r]
             if tps:
                 table.add_row("rollout tokens/s (mean)", "", f"{sum(tps) / len(tps):.0f}")

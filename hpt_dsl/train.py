@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -141,9 +141,7 @@ class Trainer:
         answers = [questions[r.prompt_index].answer for r in rollouts]
         rewards = score_batch(self.task.reward_fn, texts, answers)
         demos = [self.prompts.demo(q) if needs.demos else None for q in questions]
-        demo_rewards = [
-            self._demo_reward(q) if d is not None else 0.0 for q, d in zip(questions, demos, strict=True)
-        ]
+        demo_rewards = [self._demo_reward(q) if d is not None else 0.0 for q, d in zip(questions, demos, strict=True)]
         batch = build_train_batch(prompts, rollouts, rewards, demos, demo_rewards, self.pad_id)
         t2 = time.perf_counter()
         gen_tokens = sum(len(r.token_ids) for r in rollouts)
@@ -361,21 +359,25 @@ def _write_run_json(run_dir: Path, recipe: Recipe, **extra: Any) -> None:
 
 
 def train(
-    recipe: Recipe, run_dir: Path, resume: bool = False, quiet: bool = False, json_logs: bool = False
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool = False,
+    quiet: bool = False,
+    json_logs: bool = False,
+    json_stream: TextIO | None = None,
 ) -> RunResult:
-    """Run ``recipe`` into ``run_dir`` (continuing its latest checkpoint when ``resume``)."""
+    """Run ``recipe`` into ``run_dir`` (continuing its latest checkpoint when ``resume``);
+    with ``json_logs`` every metrics line is also written to ``json_stream`` (stdout)."""
     s = recipe.settings
     started = time.perf_counter()
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if not resume and run_dir.exists() and (run_dir / "metrics.jsonl").exists():
-        raise SetupError(
-            f"run folder {run_dir} already holds a run; use --resume {run_dir} or another --output"
-        )
+        raise SetupError(f"run folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
     run_dir.mkdir(parents=True, exist_ok=True)
     if recipe.source:
         (run_dir / "recipe.hpt").write_text(recipe.source)
     _write_run_json(run_dir, recipe, completed=False)
-    reporter = Reporter(run_dir, s.train.steps, quiet=quiet, json_logs=json_logs)
+    reporter = Reporter(run_dir, s.train.steps, quiet=quiet, json_logs=json_logs, json_stream=json_stream)
     trainer = Trainer(recipe, run_dir, reporter)
     start_step, elapsed_before = 0, 0.0
     if latest is not None:
@@ -390,9 +392,7 @@ def train(
 
     def save(step: int) -> None:
         elapsed = elapsed_before + time.perf_counter() - started
-        ckpt.save_checkpoint(
-            run_dir, step, trainer.learner, {"bad_steps": trainer.bad_steps, "elapsed": elapsed}
-        )
+        ckpt.save_checkpoint(run_dir, step, trainer.learner, {"bad_steps": trainer.bad_steps, "elapsed": elapsed})
 
     try:
         with reporter, _StopFlag() as stop:
@@ -434,9 +434,7 @@ def train(
                 shutil.rmtree(final_dir)
             trainer.learner.save_pretrained(final_dir)
     except KeyboardInterrupt:
-        raise RunInterrupted(
-            f"interrupted; resume from the last checkpoint with --resume {run_dir}"
-        ) from None
+        raise RunInterrupted(f"interrupted; resume from the last checkpoint with --resume {run_dir}") from None
     finally:
         trainer.close()
     wall = elapsed_before + time.perf_counter() - started
