@@ -45,12 +45,16 @@ class TrainBatch:
         """Real (non-padding) prompt + response tokens."""
         return int(self.prompt_mask.sum().item() + self.response_mask.sum().item())
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The batch with every tensor on ``device``."""
+        return TrainBatch(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
+
     def select(self, rows: Tensor) -> TrainBatch:
         """The sub-batch of ``rows`` (an index tensor), with padding columns trimmed."""
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = None if value is None else value[rows]
+            out[f.name] = None if value is None else value[rows.to(value.device)]
         sub = TrainBatch(**out)
         return sub.trimmed()
 
@@ -71,6 +75,10 @@ class TrainBatch:
             response_mask=self.response_mask[:, :t_keep],
             rollout_logprobs=None if rl is None else rl[:, :t_keep],
         )
+
+
+def _to(x: Tensor | None, device: torch.device | str) -> Tensor | None:
+    return None if x is None else x.to(device)
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:

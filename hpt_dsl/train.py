@@ -112,6 +112,7 @@ class Trainer:
             model = model.to("cuda")
         self.prompts = PromptCache(self.tokenizer, self.s.model)
         self.learner = make_learner(recipe, model, self.tokenizer)
+        self.device = next(self.learner.model.parameters()).device
         self.engine = make_rollout_engine(self.s, self.learner.model, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.demo_rewards: dict[int, float] = {}
@@ -143,6 +144,7 @@ class Trainer:
         demos = [self.prompts.demo(q) if needs.demos else None for q in questions]
         demo_rewards = [self._demo_reward(q) if d is not None else 0.0 for q, d in zip(questions, demos, strict=True)]
         batch = build_train_batch(prompts, rollouts, rewards, demos, demo_rewards, self.pad_id)
+        batch = batch.to(self.device)
         t2 = time.perf_counter()
         gen_tokens = sum(len(r.token_ids) for r in rollouts)
         n = max(len(rollouts), 1)
@@ -188,9 +190,11 @@ class Trainer:
         rows = used_rows(probe)
         sub = batch.select(rows)
 
+        rows = rows.to(self.device)
+
         def scatter(x: torch.Tensor) -> torch.Tensor:
             out = torch.zeros_like(batch.response_mask)
-            out[rows, : x.shape[1]] = x
+            out[rows, : x.shape[1]] = x.to(out.device)
             return out
 
         passes: dict[str, Any] = {"old_is_current": old_is_current}

@@ -147,18 +147,18 @@ class TorchLearner(Learner):
 
     def _no_grad_pass(self, batch: TrainBatch, fn: Any) -> Tensor:
         B, T = batch.response_ids.shape
-        out = torch.zeros(B, T, dtype=torch.float32)
+        out = torch.zeros(B, T, dtype=torch.float32, device=batch.response_mask.device)
         for idx in self._micro_batches(batch, torch.arange(B)):
             mb = batch.select(idx)
-            x = fn(mb).float().cpu()
-            out[idx, : x.shape[1]] = x * mb.response_mask
+            x = fn(mb).float().to(out.device)
+            out[idx.to(out.device), : x.shape[1]] = x * mb.response_mask
         return out
 
     def _micro_batches(self, batch: TrainBatch, rows: Tensor) -> list[Tensor]:
         """``rows`` sorted by length, in chunks of ``train.micro_batch`` (less padding)."""
         if rows.numel() == 0:
             return []
-        lengths = batch.prompt_mask[rows].sum(1) + batch.response_mask[rows].sum(1)
+        lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).cpu()[rows]
         order = rows[torch.argsort(lengths, descending=True, stable=True)]
         size = self.settings.train.micro_batch
         return [order[i : i + size] for i in range(0, order.numel(), size)]
@@ -168,7 +168,7 @@ class TorchLearner(Learner):
     def update(self, batch: TrainBatch, program: Any, prep: Any) -> UpdateResult:
         rows = used_rows(prep)
         metrics: dict[str, float] = {}
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64)  # on the CPU: one sync per micro-batch
         tokens = 0
         for idx in self._micro_batches(batch, rows):
             mb = batch.select(idx)
