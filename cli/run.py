@@ -67,7 +67,7 @@ def run_command(
         # stdout carries only the JSON lines: whatever a library prints goes to stderr
         json_stream = sys.stdout
         with contextlib.redirect_stdout(sys.stderr):
-            result = train(
+            train(
                 r, run_dir, resume=resume is not None, quiet=quiet, json_logs=json_logs, json_stream=json_stream
             )
     except RunInterrupted as e:
@@ -81,5 +81,3 @@ def run_command(
             traceback.print_exc()
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    if not quiet and not json_logs:
-        console.print(f"run folder: {result.run_dir}")

@@ -128,7 +128,7 @@ class Reporter:
             info = "  ".join(
                 x
                 for x in (
-                    f"test acc {acc:.2f}" if acc is not None else "",
+                    f"held-out acc {acc:.2f}" if acc is not None else "",
                     f"reward {row['reward/mean']:.2f}" if "reward/mean" in row else "",
                     gate_text(row),
                     f"loss {row['loss']:.3f}" if "loss" in row else "",
