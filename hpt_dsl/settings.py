@@ -55,11 +55,11 @@ class RolloutSettings(_Section):
     """[rollout] how the policy samples its own answers."""
 
     engine: Literal["hf", "vllm"] = "hf"
-    n: int = Field(8, ge=1, description="rollouts per question (the group size)")
+    n: int = Field(4, ge=1, description="rollouts per question (the group size)")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = no top-k filtering")
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
     old_logprobs: Literal["learner", "engine"] = Field(
         "learner", description="where pi_old comes from: a learner forward pass, or the engine's own log-probs"
     )
@@ -94,21 +94,21 @@ class CriticSettings(_Section):
 class TrainSettings(_Section):
     """[train] the optimisation loop."""
 
-    steps: int = Field(60, ge=1)
-    questions: int = Field(16, ge=1, description="questions sampled per step")
+    steps: int = Field(300, ge=1)
+    questions: int = Field(32, ge=1, description="questions sampled per step")
     mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout batch per epoch")
     micro_batch: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
     epochs: int = Field(1, ge=1, description="update epochs over each rollout batch")
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["constant", "warmup", "cosine"] = "constant"
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["constant", "warmup", "cosine"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
-    eval_every: int = Field(10, ge=0, description="0 = evaluate only at the end")
+    eval_every: int = Field(25, ge=0, description="0 = evaluate only at the end")
     eval_n: int = Field(1, ge=1, description="samples per test question (pass@k / avg@k)")
-    save_every: int = Field(20, ge=0)
+    save_every: int = Field(50, ge=0)
     output_dir: str | None = None
     max_bad_steps: int = Field(3, ge=1, description="consecutive non-finite steps before the run stops")
 
