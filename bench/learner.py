@@ -2,7 +2,7 @@
 
     python bench/learner.py                     # plain, zero0, zero2; 1 process each
     python bench/learner.py --world 2           # the DeepSpeed runs with 2 processes (gloo)
-    python bench/learner.py --updates 8 --repeats 3
+    python bench/learner.py --updates 8 --repeats 5 --threads 2
 
 The mini-batches have the default recipe's shape (recipes/hpt.hpt with its default
 settings: the built-in tiny model, 16 arithmetic questions x 8 rollouts, micro-batches of
@@ -10,10 +10,12 @@ settings: the built-in tiny model, 16 arithmetic questions x 8 rollouts, micro-b
 and lengths up to rollout.max_new_tokens, and pass rates that send about half of the
 questions to each branch of the gate. Each configuration runs in fresh processes: one
 warm-up update, then ``--updates`` timed updates (global prepare + update, as the loop
-does). Reported per configuration, the median over ``--repeats`` interleaved runs:
+does), on the same mini-batches for every configuration, with ``--threads`` torch threads
+per process (default 1: the tiny model's matrices are too small to split, and idle threads
+spin and burn CPU time on a shared machine). Reported per configuration, the best of
+``--repeats`` interleaved runs (the one least disturbed by other programs):
 
-    cpu s/update  CPU seconds per optimizer step, all threads of all processes: the work a
-                  step costs, little disturbed by other programs sharing the machine
+    cpu s/update  CPU seconds per optimizer step, all processes: the work a step costs
     wall s/update wall seconds per optimizer step
     updates/s     1 / (wall s/update)
     overhead      cpu s/update / plain cpu s/update - 1   (target for DeepSpeed on CPU: <= 10%)
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -87,11 +88,12 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(name: str, model_dir: str, updates: int, out: str) -> None:
+def worker(name: str, model_dir: str, updates: int, threads: int, out: str) -> None:
     """One configuration in this process (and its peers): warm-up, then timed updates."""
     from hpt_dsl.learner.base import make_learner
     from hpt_dsl.models import load_local
 
+    torch.set_num_threads(threads)
     engine, stage = CONFIGS[name]
     r = recipe(engine, stage)
     torch.manual_seed(0)
@@ -114,11 +116,11 @@ def worker(name: str, model_dir: str, updates: int, out: str) -> None:
             times.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
         assert not result.skipped
-    mine_stats = torch.tensor([_peak_mib(), _peak_mib() - built, statistics.median(cpu)], dtype=torch.float64)
+    mine_stats = torch.tensor([_peak_mib(), _peak_mib() - built, sum(cpu) / len(cpu)], dtype=torch.float64)
     stats = dist.all_gather_rows(mine_stats[None])[0]
     learner.close()
     if dist.is_main():
-        Path(out).write_text(json.dumps({"s_per_update": statistics.median(times),
+        Path(out).write_text(json.dumps({"s_per_update": sum(times) / len(times),
                                          "cpu_s_per_update": float(stats[:, 2].sum()),
                                          "peak_rss_mib": float(stats[:, 0].max()),
                                          "training_rss_mib": float(stats[:, 1].max())}))
@@ -127,8 +129,9 @@ def worker(name: str, model_dir: str, updates: int, out: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--updates", type=int, default=5, help="timed updates per run (after one warm-up)")
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per configuration")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration")
     ap.add_argument("--world", type=int, default=1, help="processes of each DeepSpeed run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = ap.parse_args()
     from hpt_dsl.models import build_tiny
 
@@ -139,13 +142,13 @@ def main() -> None:
             for name in CONFIGS:
                 out = Path(tmp) / f"{name}-{rep}.json"
                 world = 1 if name == "plain" else args.world
-                dist.spawn(worker, world, name, str(model_dir), args.updates, str(out))
+                dist.spawn(worker, world, name, str(model_dir), args.updates, args.threads, str(out))
                 runs[name].append(json.loads(out.read_text()))
     rows = []
     for name, results in runs.items():
-        s = statistics.median(r["s_per_update"] for r in results)
+        s = min(r["s_per_update"] for r in results)
         rows.append({"config": name, "world": 1 if name == "plain" else args.world,
-                     "cpu_s_per_update": statistics.median(r["cpu_s_per_update"] for r in results),
+                     "cpu_s_per_update": min(r["cpu_s_per_update"] for r in results),
                      "s_per_update": s, "updates_per_s": 1 / s,
                      "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
                      "training_rss_mib": max(r["training_rss_mib"] for r in results)})
@@ -161,8 +164,9 @@ def main() -> None:
     summary = {f"{r['config']}_updates_per_s": r["updates_per_s"] for r in rows}
     summary |= {f"{r['config']}_overhead": r["overhead"] for r in rows[1:]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "learner.json").write_text(json.dumps({**summary, "updates": args.updates,
-                                                      "repeats": args.repeats, "rows": rows}, indent=1))
+    (RESULTS / "learner.json").write_text(json.dumps({**summary, "updates": args.updates, "repeats": args.repeats,
+                                                      "threads": args.threads, "runs": runs, "rows": rows},
+                                                     indent=1))
 
 
 if __name__ == "__main__":

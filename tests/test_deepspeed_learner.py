@@ -127,6 +127,9 @@ def deepspeed_worker(model_dir: str, out_dir: str, resume: bool) -> None:
         last_rank = dist.rank() == dist.world_size() - 1  # one rank's loss is NaN: every rank skips
         out[f"{stage}/nan"] = train_step(again, program, local_batch(make_batch(UPDATES)), UPDATES, last_rank)
         out[f"{stage}/nan/params"] = again.full_state_dict()
+        never = compile_recipe(load_recipe(text="loss = if acc > 2 then grpo else 0"))  # no row has weight
+        out[f"{stage}/empty"] = train_step(again, never, local_batch(make_batch(UPDATES)), UPDATES)
+        out[f"{stage}/empty/params"] = again.full_state_dict()
         final = Path(out_dir) / f"final-{stage}"
         again.save_pretrained(final)
         again.close()
@@ -200,10 +203,19 @@ def test_non_finite_step_is_skipped(runs: dict, stage: int) -> None:
 
 
 @pytest.mark.parametrize("stage", STAGES)
+def test_step_without_weighted_rows_moves_nothing(runs: dict, stage: int) -> None:
+    two = runs["world2"]
+    assert two[f"{stage}/empty"]["skipped"] == 0.0
+    assert two[f"{stage}/empty"]["rows_used"] == 0.0
+    assert two[f"{stage}/empty"]["grad_norm"] == 0.0
+    assert max_diff(two[f"{stage}/empty/params"], two[f"{stage}/nan/params"]) == 0.0
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_final_model_is_one_hugging_face_checkpoint(runs: dict, stage: int) -> None:
     folder = runs["world2"]["dir"] / f"final-{stage}"
     model, _ = load_local(folder)
     loaded = {k: v for k, v in model.state_dict().items()}
-    expected = runs["world2"][f"{stage}/nan/params"]
+    expected = runs["world2"][f"{stage}/empty/params"]
     assert max_diff({k: loaded[k] for k in expected}, expected) == 0.0
     assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]

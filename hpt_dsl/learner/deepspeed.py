@@ -48,11 +48,16 @@ def import_deepspeed() -> Any:
     """``import deepspeed`` without its CPU-only overheads: the CPU accelerator is named (no
     probing), and its shared-memory all-reduce op, which only DeepSpeed's inference path
     uses and which would be JIT-compiled (minutes) at the first ``initialize``, is left
-    unbuilt: training collectives go through gloo."""
+    unbuilt: training collectives go through gloo. DeepSpeed's own log (on stdout, where
+    ``--json-logs`` writes metrics) shows warnings only; ``HPT_DSL_DEEPSPEED_LOG=info``
+    shows everything."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import deepspeed.ops
+    from deepspeed.utils import logger
+
+    logger.setLevel(os.environ.get("HPT_DSL_DEEPSPEED_LOG", "warning").upper())
 
     if not torch.cuda.is_available():
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -196,6 +201,8 @@ class DeepSpeedLearner(TorchLearner):
         n = dist.all_reduce_max(len(chunks))
         chunks += [None] * (n - len(chunks))
         engines = [e for e in (self.engine, self.critic_engine) if e is not None]
+        if n == 0:  # no row carries weight on any rank: as the plain learner, nothing moves
+            return self._empty_update(prep, engines)
         metrics: dict[str, float] = {}
         total = torch.zeros((), dtype=torch.float64)
         tokens = 0
@@ -223,6 +230,19 @@ class DeepSpeedLearner(TorchLearner):
             metrics["critic_grad_norm"] = norms[1]
         metrics["lr"] = float(self.engine.get_lr()[0])
         return UpdateResult(metrics=metrics, grad_norm=norms[0], skipped=skipped, tokens=tokens)
+
+    def _empty_update(self, prep: Any, engines: list[Any]) -> UpdateResult:
+        """A step without gradients: parameters and optimizer state stay, the schedule advances."""
+        metrics = {k: float(share.sum()) for k, share in prep.row_metrics.items()}
+        metrics["rows_used"] = 0.0
+        metrics = dist.sum_metrics(metrics)
+        for e in engines:
+            if e.lr_scheduler is not None:
+                e.lr_scheduler.step()
+        if self.critic_engine is not None:
+            metrics["critic_grad_norm"] = 0.0
+        metrics["lr"] = float(self.engine.get_lr()[0])
+        return UpdateResult(metrics=metrics, grad_norm=0.0, skipped=False, tokens=0)
 
     def _micro_loss(self, batch: TrainBatch, program: Any, prep: Any, idx: Tensor | None,
                     metrics: dict[str, float]) -> tuple[Tensor, Tensor | None]:
@@ -256,13 +276,15 @@ class DeepSpeedLearner(TorchLearner):
         return [_norm(e) for e in engines], not all(e.was_step_applied() for e in engines)
 
     def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
-        """The policy's parameters by name; under ZeRO-3 each is gathered in turn (every rank
-        must iterate them all, in the same order)."""
+        """The policy's parameters by name. Under ZeRO-3 each is gathered in turn and is whole
+        only until the next one is asked for (copy it before); every rank must iterate them
+        all, in the same order. The parameter object itself is yielded, so an engine that
+        shares the model sees its own tensor and copies nothing."""
         deepspeed = import_deepspeed()
         for name, p in self.model.named_parameters():
             if hasattr(p, "ds_id"):
                 with deepspeed.zero.GatheredParameters([p]):
-                    yield name, p.detach().clone()
+                    yield name, p
             else:
                 yield name, p
 

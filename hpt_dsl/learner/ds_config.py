@@ -196,6 +196,9 @@ def validate(config: Config, override: Config, settings: Settings, world_size: i
 
 def _known_keys() -> set[str]:
     """Every string constant DeepSpeed's config modules define: a superset of its keys."""
+    from hpt_dsl.learner.deepspeed import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.runtime import constants
     from deepspeed.runtime.zero import config as zero_config
 
