@@ -2,7 +2,7 @@
 
 ``model.name = "tiny"`` (the default) builds a small Llama causal LM from the seed with
 transformers' own classes, and a character-level tokenizer (the ``tokenizers`` library,
-wrapped as ``PreTrainedTokenizerFast``, with a chat template). Both are written with
+wrapped as ``PreTrainedTokenizerFast``, with a compact chat template). Both are written with
 ``save_pretrained`` and read back with ``from_pretrained``, so the built-in model takes
 exactly the path a real Hugging Face checkpoint takes. Any other name goes to
 ``hpt_dsl.hub.load_pretrained`` (aliases, local paths, hub names).
@@ -46,10 +46,13 @@ TINY_CONFIG: dict[str, Any] = dict(
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
-    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + m['role'][0] + '\n' + m['content'] + '<|im_end|>' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>a\n' }}{% endif %}"
 )
+"""ChatML with each role written as its initial (s, u, a) and no newline after a turn: the
+prompt of ``47+38`` is ``<|im_start|>u\n47+38<|im_end|><|im_start|>a\n`` (12 tokens),
+so the tiny model's forward passes spend their time on the question and the answer."""
 
 
 class ModelError(ValueError):

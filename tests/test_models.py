@@ -33,9 +33,10 @@ def test_tiny_reloads_through_the_auto_classes(tiny: Path) -> None:
 def test_chat_template_and_prompt_template(tiny: Path) -> None:
     _, tok = models.load_local(tiny)
     ids = encode_prompt(tok, "3+5", ModelSettings())
-    assert tok.decode(ids) == "<|im_start|>user\n3+5<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(ids) == "<|im_start|>u\n3+5<|im_end|><|im_start|>a\n"
+    assert len(ids) == 10
     with_system = encode_prompt(tok, "3+5", ModelSettings(system_prompt="Be brief."))
-    assert tok.decode(with_system).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert tok.decode(with_system).startswith("<|im_start|>s\nBe brief.<|im_end|><|im_start|>u\n3+5")
     raw = encode_prompt(tok, "3+5", ModelSettings(prompt_template="Q: {question}\nA:"))
     assert tok.decode(raw) == "Q: 3+5\nA:"
     demo = encode_response(tok, "\\boxed{8}")
