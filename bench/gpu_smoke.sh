@@ -6,7 +6,7 @@
 #
 # 1. Fails at once when no CUDA GPU is visible.
 # 2. Installs what is missing (deepspeed, pydantic, lark, ...) from the wheels carried in
-#    .whl/ (not in git; docs/deepspeed.md says how to fill it), and hpt-dsl itself, into a
+#    .whl/ (not in git; the README section on DeepSpeed says how to fill it), and hpt-dsl itself, into a
 #    private folder put first on PYTHONPATH.
 # 3. Builds DeepSpeed's fused AdamW for this GPU (a JIT compile, about a minute); if that
 #    fails, the run uses torch's AdamW through DeepSpeed instead (and says so).

@@ -24,6 +24,7 @@ from hpt_dsl.recipe import (
     Term,
     Zero,
 )
+from hpt_dsl.settings import RolloutSettings
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -59,7 +60,7 @@ def test_the_users_line_compiles_to_a_full_estimator_spec() -> None:
         ("denom=1", "denom", "1"),
         ("grad=shaped(0.1) denom=1", "grad", Call("shaped", (0.1,))),
         ("agg=token_sum_norm(512)", "agg", Call("token_sum_norm", (512.0,))),
-        ("agg=token_sum_norm", "agg", Call("token_sum_norm", (64.0,))),
+        ("agg=token_sum_norm", "agg", Call("token_sum_norm", (float(RolloutSettings().max_new_tokens),))),
         ("kl=k3(0.001)", "kl", Call("k3", (0.001,))),
         ("kl=none", "kl", None),
         ("entropy=0.001", "entropy", 0.001),
@@ -316,7 +317,7 @@ def test_the_language_reference_covers_every_keyword_and_code() -> None:
     from hpt_dsl.lang.diagnostics import CODES
     from hpt_dsl.recipe import STATS
 
-    doc = (RECIPES.parent / "docs" / "language.md").read_text(encoding="utf-8")
+    doc = (RECIPES.parent / "README.md").read_text(encoding="utf-8")
     for key, forms in VOCAB.items():
         assert f"`{key}`" in doc, key
         for name in forms:

@@ -10,7 +10,7 @@ Rendered in the style of rustc and Elm:
       = help: did you mean 'group_norm'?
 
 Codes are stable (tests and ``--json`` consumers rely on them); the table lives in
-``CODES`` and in docs/language.md.
+``CODES`` and in the README.
 """
 
 from __future__ import annotations
