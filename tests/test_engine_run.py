@@ -107,13 +107,29 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_at_step_k_equals_an_unbroken_run(tmp_path: Path) -> None:
-    """grpo with 2 epochs: optimizer moments, the pi_old pass and the question order all carry over."""
-    sets = [*SMALL, "train.epochs=2", "train.mini_batches=2"]
-    whole = run_recipe(RECIPES / "hpt.hpt", overrides=[*sets, "train.steps=4"], output=tmp_path / "w", quiet=True)
+def test_resume_at_step_k_equals_an_unbroken_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HPT with 2 epochs of 2 mini-batches (so a pi_old pass) and a cosine schedule: stopped by
+    Ctrl-C after step 2 and resumed, every later metric is the unbroken run's."""
+    from hpt_dsl.train import RunInterrupted, Trainer
+
+    sets = [*SMALL, "train.epochs=2", "train.mini_batches=2", "train.steps=4", "train.save_every=0"]
+    whole = run_recipe(RECIPES / "hpt.hpt", overrides=sets, output=tmp_path / "w", quiet=True)
+    step = Trainer.train_step
+
+    def ctrl_c_after_step_2(self: Trainer, k: int) -> dict[str, Any]:
+        row = step(self, k)
+        if k == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C was pressed during step 2
+        return row
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_after_step_2)
     broken = tmp_path / "b"
-    run_recipe(RECIPES / "hpt.hpt", overrides=[*sets, "train.steps=2"], output=broken, quiet=True)
-    run_recipe(RECIPES / "hpt.hpt", overrides=[*sets, "train.steps=4"], output=broken, resume=True, quiet=True)
+    with pytest.raises(RunInterrupted):
+        run_recipe(RECIPES / "hpt.hpt", overrides=sets, output=broken, quiet=True)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    assert [p.name for p in (broken / "checkpoints").iterdir()] == ["step-000002"]
+    assert [r["step"] for r in lines(broken) if r["kind"] == "train"] == [1, 2]
+    run_recipe(RECIPES / "hpt.hpt", overrides=sets, output=broken, resume=True, quiet=True)
     assert comparable(broken) == comparable(whole.run_dir)
 
 
