@@ -2,7 +2,7 @@
 
     python bench/learner.py                     # plain, zero0, zero2; 1 process each
     python bench/learner.py --world 2           # the DeepSpeed runs with 2 processes (gloo)
-    python bench/learner.py --updates 8 --repeats 5 --threads 2
+    python bench/learner.py --updates 4 --repeats 2 --threads 2
 
 The mini-batches have the default recipe's shape (recipes/hpt.hpt with its default
 settings: the built-in tiny model, 16 arithmetic questions x 8 rollouts, micro-batches of
@@ -128,8 +128,8 @@ def worker(name: str, model_dir: str, updates: int, threads: int, out: str) -> N
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--updates", type=int, default=5, help="timed updates per run (after one warm-up)")
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration")
+    ap.add_argument("--updates", type=int, default=8, help="timed updates per run (after one warm-up)")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per configuration")
     ap.add_argument("--world", type=int, default=1, help="processes of each DeepSpeed run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = ap.parse_args()
