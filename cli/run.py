@@ -56,9 +56,13 @@ def run_command(
     if resume is not None and output is not None and resume != output:
         console.print("[red]error:[/red] give either --resume RUN_DIR or --output DIR, not both")
         raise typer.Exit(2)
-    from hpt_dsl.train import RunFault, RunInterrupted, SetupError, default_run_dir, train
+    import torch
+
+    from hpt_dsl.train import RunFault, RunInterrupted, SetupError, cpu_threads, default_run_dir, train
 
     r = checked.recipe
+    if cpu_threads(r.settings):
+        torch.set_num_threads(cpu_threads(r.settings))
     run_dir = resume or output or (Path(r.settings.train.output_dir) if r.settings.train.output_dir else None)
     run_dir = run_dir or default_run_dir(r)
     try:
@@ -67,9 +71,7 @@ def run_command(
         # stdout carries only the JSON lines: whatever a library prints goes to stderr
         json_stream = sys.stdout
         with contextlib.redirect_stdout(sys.stderr):
-            train(
-                r, run_dir, resume=resume is not None, quiet=quiet, json_logs=json_logs, json_stream=json_stream
-            )
+            train(r, run_dir, resume=resume is not None, quiet=quiet, json_logs=json_logs, json_stream=json_stream)
     except RunInterrupted as e:
         console.print(f"[yellow]{e}[/yellow]")
         raise typer.Exit(130) from None

@@ -111,6 +111,12 @@ class TrainSettings(_Section):
     save_every: int = Field(50, ge=0)
     output_dir: str | None = None
     max_bad_steps: int = Field(3, ge=1, description="consecutive non-finite steps before the run stops")
+    threads: int | None = Field(
+        None,
+        ge=0,
+        description="torch CPU threads for `hpt-dsl run`; None = 1 for the built-in tiny model (its "
+        "matrices are too small to share between cores), torch's default otherwise; 0 = torch's default",
+    )
 
 
 class EvalSettings(_Section):

@@ -338,6 +338,13 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
+def cpu_threads(settings: Any) -> int:
+    """torch CPU threads for a run (``train.threads``; 0 = leave torch's default)."""
+    if settings.train.threads is not None:
+        return int(settings.train.threads)
+    return 1 if settings.model.name == "tiny" else 0
+
+
 def default_run_dir(recipe: Recipe) -> Path:
     name = Path(recipe.path).name.removesuffix(".hpt") if recipe.path else "run"
     return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
