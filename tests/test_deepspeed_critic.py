@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 PPO = """
 loss = ppo
 critic { lr = 0.001 }
-train { micro_batch = 3  lr = 0.0001 }
+train { micro_batch = 3  lr = 0.0001  schedule = "constant" }
 """
 
 

@@ -27,7 +27,7 @@ QUESTIONS, ROLLOUTS = 4, 4
 PASS_RATES = (0, 1, 2, 4)  # correct rollouts per question: the gate sends 2 questions each way
 RECIPE = """
 loss = if acc > 0.3 then grpo kl=k3(0.05) else sft
-train { micro_batch = 3  lr = 0.0001  grad_clip = 0.5 }
+train { micro_batch = 3  lr = 0.0001  grad_clip = 0.5  schedule = "warmup"  warmup_steps = 2 }
 """
 
 
@@ -173,7 +173,7 @@ def test_same_parameters_as_plain_learner(runs: dict, world: int, stage: int) ->
     plain = runs["plain"]["params"]
     ds = runs[f"world{world}"][f"{stage}/params"]
     assert max_diff(ds, plain) < 1e-5
-    assert max_diff(plain, runs["initial"]) > 20e-5  # 3 updates moved weights 20x farther than the tolerance
+    assert max_diff(plain, runs["initial"]) > 10e-5  # 3 updates moved weights 10x farther than the tolerance
 
 
 @pytest.mark.parametrize("world", [1, 2])

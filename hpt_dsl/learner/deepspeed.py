@@ -104,8 +104,9 @@ def _safe_checkpoint_engine(config: Any) -> Any:
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> Config:
+    """AdamW's hyper-parameters; the base learning rate, before any schedule scaled it."""
     group = optimizer.param_groups[0]
-    return {"lr": group["lr"], "betas": list(group["betas"]), "eps": group["eps"],
+    return {"lr": group.get("initial_lr", group["lr"]), "betas": list(group["betas"]), "eps": group["eps"],
             "weight_decay": group["weight_decay"]}
 
 
