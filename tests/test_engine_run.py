@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,9 @@ SMALL = [
     "data.max_test=6",
     "train.micro_batch=4",
 ]
-SHIPPED = sorted(p.name for p in RECIPES.glob("*.hpt") if "model" not in p.read_text())
+SHIPPED = sorted(  # the recipes for the built-in model (a real model's recipe has its own tests)
+    p.name for p in RECIPES.glob("*.hpt") if not re.search(r"^\s*model\b", p.read_text(), re.MULTILINE)
+)
 
 
 def lines(run_dir: Path) -> list[dict[str, Any]]:
