@@ -27,7 +27,7 @@ QUESTIONS, ROLLOUTS = 4, 4
 PASS_RATES = (0, 1, 2, 4)  # correct rollouts per question: the gate sends 2 questions each way
 RECIPE = """
 loss = if acc > 0.3 then grpo kl=k3(0.05) else sft
-train { micro_batch = 3  lr = 0.0001  grad_clip = 0.5  schedule = "warmup"  warmup_steps = 2 }
+train { micro_batch = 3  lr = 0.0005  grad_clip = 0.5  schedule = "warmup"  warmup_steps = 2 }
 """
 
 
