@@ -75,6 +75,9 @@ def run_command(
     except RunInterrupted as e:
         console.print(f"[yellow]{e}[/yellow]")
         raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted before the first step; nothing to resume[/yellow]")
+        raise typer.Exit(130) from None
     except RunFault as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(3) from None
