@@ -8,8 +8,10 @@ import pytest
 
 from hpt_dsl.lang import RecipeError, analyse, load_recipe
 from hpt_dsl.lang.diagnostics import Diagnostic
+from hpt_dsl.settings import RolloutSettings
 
 SEVERAL_STEPS = "train.mini_batches = 2\n"  # so that clip masks do have an effect (no W032)
+N = RolloutSettings().n  # the default group size
 
 
 def diags(text: str, overrides: Sequence[str] = ()) -> list[Diagnostic]:
@@ -248,7 +250,7 @@ def test_incompatible_components() -> None:
 def test_gate_branch_that_is_never_taken() -> None:
     d = one(SEVERAL_STEPS + "loss = if acc > 1 then grpo else sft", "W030")
     assert d.message == "this gate branch is never taken: its condition is never true" and at(d) == (2, 11)
-    assert d.hint is not None and "acc is in {0, 1/8, ..., 1}" in d.hint
+    assert d.hint is not None and f"acc is in {{0, 1/{N}, ..., 1}}" in d.hint
     d = one(SEVERAL_STEPS + "loss = if acc > 0 then grpo elif acc > 0.5 then dapo else sft", "W030")
     assert "already cover" in d.message and at(d) == (2, 34)
     d = one(SEVERAL_STEPS + "loss = if acc >= 0 then grpo else sft", "W030")
@@ -262,8 +264,8 @@ def test_gate_branch_that_is_never_taken() -> None:
 def test_reachable_gates_do_not_warn() -> None:
     for cond in (
         "acc > 0",
-        "acc > 7/8",
-        "solved >= 8",
+        f"acc > {N - 1}/{N}",
+        f"solved >= {N}",
         "reward_std > 0",
         "step < 59",
         "acc > 0 and step > 3",
