@@ -30,6 +30,9 @@ def compare_command(
         0, "--jobs", "-j", min=0, help="runs at once, as processes (0 = one per CPU core, 1 with a GPU)"
     ),
     threads: int = typer.Option(0, "--threads", min=0, help="torch threads per run (0 = cores / jobs)"),
+    pass_k: int = typer.Option(
+        0, "--pass-k", min=0, help="also evaluate each final model with K samples per test question (pass@k)"
+    ),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Run recipes with identical data, model, budget and seeds; table, CSV, Markdown, figures."""
@@ -45,12 +48,16 @@ def compare_command(
                 "failed": "FAILED"}
         console.print(f"{verb[kind]:>8}  {job.label} seed {job.seed}  [dim]{job.run_dir}[/dim]")
 
+    from concurrent.futures.process import BrokenProcessPool
+
     from hpt_dsl.cli.run import _bad_input_errors
 
     from hpt_dsl.train import RunInterrupted
 
     try:
-        result = compare(recipes, seeds, overrides, out, parallel=jobs, threads=threads, on_event=event)
+        result = compare(
+            recipes, seeds, overrides, out, parallel=jobs, threads=threads, on_event=event, pass_k=pass_k
+        )
     except (KeyboardInterrupt, RunInterrupted):
         console.print("[yellow]interrupted: finished runs are kept and reused, unfinished ones resumed "
                       "when the same command runs again[/yellow]")
@@ -60,6 +67,10 @@ def compare_command(
             traceback.print_exc()
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    except BrokenProcessPool:
+        console.print("[red]error:[/red] a training process died (out of memory?); finished runs are kept. "
+                      "Run the same command again, with fewer --jobs")
+        raise typer.Exit(3) from None
     console.print(rich_table(result.rows))
     console.print(f"table: {result.markdown}  {result.csv}")
     for p in result.figures:

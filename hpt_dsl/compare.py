@@ -31,7 +31,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ MARKER = "compare.json"
 """Written into a run folder by ``compare`` once the run finished: fingerprint, label, seed, seconds."""
 PARTIAL = "compare.partial.json"
 """Seconds spent on a run that stopped before it finished (added up on resume)."""
+PASS_AT_K = "pass_at_k.json"
+"""The final model's evaluation with k samples per test question (``--pass-k``)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Job:
     overrides: tuple[str, ...]
     run_dir: Path
     fingerprint: str
+    pass_k: int = 0  # > 0: evaluate the final model with this many samples per test question
 
 
 Runner = Callable[[Job, bool, int], None]
@@ -91,7 +94,9 @@ def label_of(path: str) -> str:
     return Path(path).name.removesuffix(".hpt")
 
 
-def plan(recipes: Sequence[str], seeds: int, overrides: Sequence[str], out: Path) -> list[Job]:
+def plan(
+    recipes: Sequence[str], seeds: int, overrides: Sequence[str], out: Path, pass_k: int = 0
+) -> list[Job]:
     """Every (recipe, seed) job, each recipe checked first (raises ``RecipeError``)."""
     from hpt_dsl.lang import load_recipe
 
@@ -104,14 +109,20 @@ def plan(recipes: Sequence[str], seeds: int, overrides: Sequence[str], out: Path
         for seed in range(seeds):
             sets = (*overrides, f"train.seed={seed}")
             fp = fingerprint(load_recipe(path, overrides=sets))
-            jobs.append(Job(path, label, seed, sets, out / "runs" / f"{label}-seed{seed}-{fp}", fp))
+            jobs.append(Job(path, label, seed, sets, out / "runs" / f"{label}-seed{seed}-{fp}", fp, pass_k))
     return jobs
 
 
 def finished(job: Job) -> bool:
-    """True when ``job.run_dir`` holds a run of this very recipe that completed."""
+    """True when ``job.run_dir`` holds a run of this very recipe that completed (and, with
+    ``job.pass_k``, its final evaluation with that k)."""
     data = _read_json(job.run_dir / MARKER)
-    return data.get("fingerprint") == job.fingerprint and data.get("completed") is True
+    trained = data.get("fingerprint") == job.fingerprint and data.get("completed") is True
+    return trained and (job.pass_k <= 0 or evaluated(job))
+
+
+def evaluated(job: Job) -> bool:
+    return _read_json(job.run_dir / PASS_AT_K).get("k") == job.pass_k
 
 
 # ----- running ---------------------------------------------------------------------------------
@@ -128,22 +139,67 @@ def default_runner(job: Job, resume: bool, threads: int) -> None:
     train.run_recipe(job.recipe, overrides=list(job.overrides), output=job.run_dir, resume=resume, quiet=True)
 
 
+def final_pass_at_k(job: Job) -> dict[str, Any]:
+    """Sample ``job.pass_k`` responses per test question from the run's final model (the
+    run's own evaluation settings: temperature, top-p, length, prompts, reward) and write
+    avg@k and pass@k to ``pass_at_k.json``."""
+    from hpt_dsl.data import load_task
+    from hpt_dsl.evaluate import evaluate
+    from hpt_dsl.lang import load_recipe
+    from hpt_dsl.models import load_local
+    from hpt_dsl.prompting import PromptCache
+    from hpt_dsl.rollout.base import SamplingParams
+    from hpt_dsl.rollout.hf import HFRolloutEngine
+
+    s = load_recipe(job.recipe, overrides=job.overrides).settings
+    model, tokenizer = load_local(job.run_dir / "final-model", s.model)
+    task = load_task(s)
+    prompts = PromptCache(tokenizer, s.model)
+    params = SamplingParams(
+        n=job.pass_k,
+        temperature=s.eval.temperature,
+        top_p=s.eval.top_p,
+        max_new_tokens=s.eval.max_new_tokens or s.rollout.max_new_tokens,
+        seed=s.train.seed + 54321,
+    )
+    reward = task.reward_fn
+    if s.eval.reward is not None and s.data.train != "arith":
+        from hpt_dsl.data.verify import make_reward
+
+        reward = make_reward(s.data.model_copy(update={"reward": s.eval.reward}))
+    result = evaluate(
+        HFRolloutEngine(model, tokenizer, s), tokenizer, task.test, reward, job.pass_k, params,
+        encode=lambda q: prompts.prompt(q, "test"), batch_questions=64,
+    )
+    result.pop("correct", None)
+    _write_json(job.run_dir / PASS_AT_K, result)
+    return result
+
+
 def _execute(job: Job, runner: Runner, threads: int) -> Job:
-    """Run (or resume) one job, then mark it finished; time spent before a crash is kept
-    in ``compare.partial.json`` and added when the job is resumed."""
-    resume = job.run_dir.exists() and any(p.name != PARTIAL for p in job.run_dir.iterdir())
-    before = _read_json(job.run_dir / PARTIAL).get("seconds", 0.0) if resume else 0.0
-    start = time.perf_counter()
-    try:
-        runner(job, resume, threads)
-    except BaseException:
-        if job.run_dir.exists():
-            _write_json(job.run_dir / PARTIAL, {"seconds": before + time.perf_counter() - start})
-        raise
-    _write_json(job.run_dir / MARKER, {
-        "fingerprint": job.fingerprint, "label": job.label, "seed": job.seed, "recipe": job.recipe,
-        "overrides": list(job.overrides), "seconds": before + time.perf_counter() - start, "completed": True,
-    })
+    """Run (or resume) one job, mark it finished, then evaluate it when asked (time spent
+    before a crash is kept in ``compare.partial.json`` and added when the job is resumed)."""
+    if not finished(replace(job, pass_k=0)):
+        resume = job.run_dir.exists() and any(p.name != PARTIAL for p in job.run_dir.iterdir())
+        before = _read_json(job.run_dir / PARTIAL).get("seconds", 0.0) if resume else 0.0
+        start = time.perf_counter()
+        try:
+            runner(job, resume, threads)
+        except BaseException:
+            if job.run_dir.exists():
+                _write_json(job.run_dir / PARTIAL, {"seconds": before + time.perf_counter() - start})
+            raise
+        _write_json(job.run_dir / MARKER, {
+            "fingerprint": job.fingerprint, "label": job.label, "seed": job.seed, "recipe": job.recipe,
+            "overrides": list(job.overrides), "seconds": before + time.perf_counter() - start,
+            "completed": True,
+        })
+    if job.pass_k > 0 and not evaluated(job):
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
+        final_pass_at_k(job)
     return job
 
 
@@ -378,6 +434,7 @@ def compare(
     threads: int = 0,
     runner: Runner = default_runner,
     on_event: Callable[[str, Job], None] | None = None,
+    pass_k: int = 0,
 ) -> Result:
     """Plan, run (reusing finished runs), tabulate and plot; see the module docstring.
     ``parallel=0`` picks processes and threads with ``auto_parallel``. Runs that stopped
@@ -385,7 +442,7 @@ def compare(
     from hpt_dsl.plot import plot_runs
 
     out = Path(out)
-    jobs = plan(recipes, seeds, overrides, out)
+    jobs = plan(recipes, seeds, overrides, out, pass_k)
     if parallel <= 0:
         parallel, auto_threads = auto_parallel(sum(not finished(j) for j in jobs))
         threads = threads or auto_threads

@@ -92,6 +92,12 @@ def load_run(path: Path, label: str | None = None) -> RunData:
         evals += read_jsonl(extra)
     evals.sort(key=lambda e: e.get("step") or 0)
     info = _read_info(path)
+    final = path / "pass_at_k.json"
+    if final.exists():
+        try:
+            info["pass_at_k"] = json.loads(final.read_text(encoding="utf-8"))
+        except ValueError:
+            pass
     seed = info.get("seed")
     name = label or info.get("label") or _label_from_folder(path.name)
     return RunData(path, str(name), seed if isinstance(seed, int) else None, steps, evals, info)
@@ -167,10 +173,15 @@ def eval_accuracy(run: RunData) -> dict[float, float]:
 
 
 def final_pass_at_k(run: RunData) -> dict[int, float]:
-    """{k: pass@k} of the run's last evaluation (empty when it has none)."""
-    if not run.evals:
+    """{k: pass@k} of the final model: its separate evaluation with many samples
+    (``pass_at_k.json``, written by ``compare --pass-k``) when there is one, else the run's
+    last evaluation (empty when it has none)."""
+    if isinstance(run.info.get("pass_at_k"), dict):
+        last = run.info["pass_at_k"]
+    elif run.evals:
+        last = run.evals[-1]
+    else:
         return {}
-    last = run.evals[-1]
     out = {}
     for key, v in last.items():
         m = re.fullmatch(r"pass@(\d+)", key)

@@ -190,7 +190,7 @@ def test_compare_end_to_end_trains_tabulates_and_reuses(tmp_path: Path) -> None:
     sets = ["train.steps=2", "train.questions=2", "rollout.n=2", "rollout.max_new_tokens=6",
             "data.max_test=4", "train.eval_every=1", "train.save_every=0", "train.eval_n=2"]
     argv = ["compare", str(RECIPES / "sft.hpt"), str(RECIPES / "hpt.hpt"), "--seeds", "2", "--out", str(out),
-            "--threads", "1"]
+            "--threads", "1", "--pass-k", "4"]
     for s in sets:
         argv += ["--set", s]
     runner = CliRunner()
@@ -200,7 +200,9 @@ def test_compare_end_to_end_trains_tabulates_and_reuses(tmp_path: Path) -> None:
     rows = list(csv.DictReader((out / "compare.csv").open()))
     assert [r["recipe"] for r in rows] == ["sft", "hpt"]
     assert all(r["seeds"] == "2" and r["acc_mean"] != "" and float(r["wall_s"]) > 0 for r in rows)
-    assert rows[1]["pass_k"] == "2"  # eval_n=2 gives pass@1 and pass@2
+    assert rows[1]["pass_k"] == "4"  # the final models' own evaluation with 4 samples per question
+    final = json.loads(next(out.glob("runs/hpt-seed0-*/pass_at_k.json")).read_text())
+    assert final["k"] == 4 and final["questions"] == 4 and 0 <= final["pass@4"] <= 1
     for name in ("accuracy.png", "gate-hpt.png", "loss-sft.png", "pass_at_k.png"):
         assert (out / "plots" / name).exists(), name
     metrics = sorted(out.glob("runs/*/metrics.jsonl"))
