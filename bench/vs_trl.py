@@ -1,15 +1,15 @@
 """GRPO throughput on a CPU: hpt-dsl's ``recipes/grpo.hpt`` against TRL's ``GRPOTrainer``.
 
     pip install -c constraints.txt -e ".[bench]"      # TRL, pinned
-    python bench/vs_trl.py                            # 2 rounds x 20 steps each, alternating
+    python bench/vs_trl.py                            # 2 rounds x 30 steps each, alternating
     python bench/vs_trl.py --steps 12 --rounds 3 --threads 2
 
 The same work on both sides:
 
-* the same model: the built-in tiny model, first taught the answer format by a short
-  hpt-dsl SFT run (``recipes/sft.hpt``; a randomly initialised model never earns a reward,
-  so GRPO would have nothing to learn from), saved with ``save_pretrained`` and loaded from
-  that folder by both frameworks, with its tokenizer and chat template;
+* the same model: the built-in tiny model after a short hpt-dsl SFT run (``recipes/sft.hpt``,
+  120 steps: about a third of the test questions right; a randomly initialised model never
+  earns a reward, so GRPO would have nothing to learn from), saved with ``save_pretrained``
+  and loaded from that folder by both frameworks, with its tokenizer and chat template;
 * the same prompts (the built-in arithmetic task's train split, chat-templated; the script
   checks that both frameworks build identical prompt token ids), the same reward function
   (``hpt_dsl.data.arith.reward``: last ``\\boxed{}`` equals the answer);
@@ -28,9 +28,11 @@ the fastest setting for this model on a small CPU) CPU seconds are the work a st
 little disturbed by other programs on the machine.
 
 Prints a table and writes ``bench/results/vs_trl.json``: steps/s, generated tokens/s, their
-ratio hpt-dsl / TRL (wall, and per CPU second), the reward of the first and last steps of
-each side (learning check: the mean reward of the last third of the steps is above that of
-the first third), and hpt-dsl's time split (rollout, reward, log-prob passes, update).
+ratio hpt-dsl / TRL (wall, and per CPU second), the learning check (held-out accuracy,
+avg@4 on 200 test questions sampled identically for every model, of the start model and of
+each framework's trained models: both must improve on the start), the training reward of
+the first and last third of the steps, and hpt-dsl's time split (rollout, reward, log-prob
+passes, update).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Side:
     gen_tokens: list[int] = field(default_factory=list)
     reward: list[list[float]] = field(default_factory=list)  # per round, per step
     split: dict[str, float] = field(default_factory=dict)  # seconds summed over steps
+    held_out: list[float] = field(default_factory=list)  # per round: avg@k of the trained model
 
     @property
     def steps_per_s(self) -> float:
@@ -75,12 +78,12 @@ class Side:
     def tokens_per_s(self) -> float:
         return sum(self.gen_tokens) / sum(self.step_s)
 
-    def learned(self) -> tuple[float, float, bool]:
-        """(mean reward of the first third of steps, of the last third, last > first)."""
+    def reward_thirds(self) -> tuple[float, float]:
+        """Mean training reward of the first and of the last third of the steps (all rounds)."""
         k = max(1, min(len(r) for r in self.reward) // 3)
         first = statistics.fmean(x for r in self.reward for x in r[:k])
         last = statistics.fmean(x for r in self.reward for x in r[-k:])
-        return first, last, last > first
+        return first, last
 
 
 # ----- the shared setup ----------------------------------------------------------------------
@@ -156,6 +159,41 @@ def check_same_prompts(model: Path, questions: list[Any]) -> None:
             raise SystemExit(f"prompt ids differ for {q.prompt!r}: {ours} vs {list(theirs)}")
 
 
+def held_out(model: Path, args: argparse.Namespace) -> float:
+    """avg@k of a model folder on the first ``--eval-questions`` test questions of the task,
+    sampled the same way for every model (hpt-dsl's evaluation: temperature 0.6, top-p 0.95,
+    ``--eval-k`` samples per question, fixed seed): the learning check of both frameworks."""
+    import torch
+
+    from hpt_dsl.data import arith
+    from hpt_dsl.evaluate import evaluate
+    from hpt_dsl.models import load_local
+    from hpt_dsl.prompting import PromptCache
+    from hpt_dsl.rollout.base import SamplingParams
+    from hpt_dsl.rollout.hf import HFRolloutEngine
+    from hpt_dsl.settings import Settings
+
+    s = Settings()
+    policy, tok = load_local(model, s.model)
+    questions = arith.make_questions(0)[1][: args.eval_questions]
+    prompts = PromptCache(tok, s.model)
+    params = SamplingParams(
+        temperature=s.eval.temperature, top_p=s.eval.top_p, max_new_tokens=args.max_new_tokens, seed=1234
+    )
+    with torch.random.fork_rng(devices=[]):
+        out = evaluate(
+            HFRolloutEngine(policy, tok, s),
+            tok,
+            questions,
+            arith.reward,
+            args.eval_k,
+            params,
+            encode=lambda q: prompts.prompt(q, "test"),
+            batch_questions=64,
+        )
+    return float(out[f"avg@{args.eval_k}"])
+
+
 # ----- hpt-dsl ----------------------------------------------------------------------------------
 
 
@@ -183,6 +221,7 @@ def run_hpt(args: argparse.Namespace, model: Path, seed: int, work: Path, side: 
         )
     finally:
         loop.Trainer.train_step = step  # type: ignore[method-assign]
+    side.held_out.append(held_out(out / "final-model", args))
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("kind") == "train"]
     side.step_s += [r["time/step"] for r in rows]
     side.gen_tokens += [round(r["response_length"] * args.questions * args.n) for r in rows]
@@ -276,6 +315,10 @@ def run_trl(args: argparse.Namespace, model: Path, seed: int, work: Path, side: 
         callbacks=[Timer()],
     )
     trainer.train()
+    final = work / f"trl-seed{seed}" / "final-model"
+    trainer.model.save_pretrained(final)
+    trainer.processing_class.save_pretrained(final)
+    side.held_out.append(held_out(final, args))
     per_step = len(step_rewards) // args.steps
     side.reward.append(
         [statistics.fmean(step_rewards[i * per_step : (i + 1) * per_step]) for i in range(args.steps)]
@@ -290,17 +333,19 @@ def run_trl(args: argparse.Namespace, model: Path, seed: int, work: Path, side: 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=20, help="GRPO steps per round and framework")
+    p.add_argument("--steps", type=int, default=30, help="GRPO steps per round and framework")
     p.add_argument(
         "--rounds", type=int, default=2, help="rounds; each runs both frameworks, order alternating"
     )
     p.add_argument("--questions", type=int, default=16, help="questions per step")
     p.add_argument("--n", type=int, default=8, help="rollouts per question (group size)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--micro-batch", type=int, default=64)
-    p.add_argument("--warm-steps", type=int, default=300, help="SFT steps that build the start model")
+    p.add_argument("--warm-steps", type=int, default=120, help="SFT steps that build the start model")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both (0 = torch's default)")
+    p.add_argument("--eval-questions", type=int, default=200, help="test questions of the learning check")
+    p.add_argument("--eval-k", type=int, default=4, help="samples per test question of the learning check")
     p.add_argument("--work", type=Path, default=RESULTS / "vs_trl-work")
     p.add_argument("--out", type=Path, default=RESULTS / "vs_trl.json")
     args = p.parse_args()
@@ -320,6 +365,8 @@ def main() -> None:
     from hpt_dsl.data import arith
 
     check_same_prompts(model, arith.make_questions(0)[0])
+    before = held_out(model, args)
+    print(f"start model: held-out avg@{args.eval_k} {before:.3f}", flush=True)
     hpt, ref = Side("hpt-dsl"), Side(f"TRL {trl.__version__}")
     for r in range(args.rounds):
         order = [(run_hpt, hpt), (run_trl, ref)]
@@ -329,7 +376,8 @@ def main() -> None:
 
     rows = []
     for side in (hpt, ref):
-        first, last, ok = side.learned()
+        first, last = side.reward_thirds()
+        after = statistics.fmean(side.held_out)
         rows.append(
             {
                 "framework": side.name,
@@ -340,7 +388,9 @@ def main() -> None:
                 "steps_per_cpu_s": side.steps_per_cpu_s,
                 "reward_first_third": first,
                 "reward_last_third": last,
-                "learned": ok,
+                "held_out_before": before,
+                "held_out_after": after,
+                "learned": after > before,
             }
         )
     result = {
@@ -365,15 +415,15 @@ def main() -> None:
 
     print()
     print(
-        f"{'framework':<12} {'steps':>5} {'steps/s':>9} {'gen tok/s':>10} {'median s/step':>14} "
-        f"{'reward first->last third':>26} {'learned':>8}"
+        f"{'framework':<12} {'steps':>5} {'steps/s':>8} {'steps/cpu-s':>11} {'gen tok/s':>9} "
+        f"{'train reward 1st->3rd third':>28} {'held-out before->after':>23}"
     )
     for row in rows:
-        learned = f"{row['reward_first_third']:.3f} -> {row['reward_last_third']:.3f}"
+        reward = f"{row['reward_first_third']:.3f} -> {row['reward_last_third']:.3f}"
+        held = f"{row['held_out_before']:.3f} -> {row['held_out_after']:.3f}"
         print(
-            f"{row['framework']:<12} {row['steps']:>5} {row['steps_per_s']:>9.4f} "
-            f"{row['gen_tokens_per_s']:>10.0f} {row['median_step_s']:>14.2f} {learned:>26} "
-            f"{str(row['learned']):>8}"
+            f"{row['framework']:<12} {row['steps']:>5} {row['steps_per_s']:>8.3f} {row['steps_per_cpu_s']:>11.3f} "
+            f"{row['gen_tokens_per_s']:>9.0f} {reward:>28} {held:>23}"
         )
     total = sum(hpt.split.values())
     split = ", ".join(f"{k} {v / total:.0%}" for k, v in hpt.split.items())
@@ -382,6 +432,7 @@ def main() -> None:
         f"x{result['ratio_tokens_per_s']:.2f}, steps per CPU second x{result['ratio_steps_per_cpu_s']:.2f}"
     )
     print(f"hpt-dsl time split: {split}")
+    print(f"both learned (held-out accuracy up): {all(r['learned'] for r in rows)}")
     print(f"wrote {args.out}")
 
 
