@@ -72,6 +72,7 @@ def test_logprobs_are_those_of_each_row_alone(base: tuple[Any, Any]) -> None:
         assert torch.all(lp[i, len(r) :] == 0)
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_micro_batch_split_gives_the_same_gradient(base: tuple[Any, Any]) -> None:
     """Gradient accumulation over micro-batches of 1 row equals one pass over all rows."""
     grads, norms = [], []
