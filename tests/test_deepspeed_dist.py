@@ -11,6 +11,7 @@ import torch
 from hpt_dsl import dist
 from hpt_dsl.estimator import compile_loss
 from hpt_dsl.recipe import Call, Compare, Const, EstimatorSpec, Gate, Stat, Sum, Term
+from hpt_dsl.settings import Settings
 
 N_QUESTIONS, N_ROLLOUTS, T = 6, 4, 7
 
@@ -42,6 +43,8 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
         "old_logprobs": -torch.rand(rows, T, generator=g, dtype=torch.float64),
         "ref_logprobs": -torch.rand(rows, T, generator=g, dtype=torch.float64),
         "logprobs": -torch.rand(rows, T, generator=g, dtype=torch.float64),
+        # the engine's log-probs of the rollouts (zeros on demonstrations): truncated IS on
+        "rollout_logprobs": -torch.rand(rows, T, generator=g, dtype=torch.float64) * (~is_demo[:, None]),
     }
 
 
@@ -50,7 +53,7 @@ Batch = dict[str, torch.Tensor]
 
 def loss_and_grad(batch: Batch, rows: slice) -> tuple[float, torch.Tensor, dict[str, float]]:
     """This process's share of the loss, its gradient w.r.t. the rows' log-probs, metrics."""
-    program = compile_loss(LOSS)
+    program = compile_loss(LOSS, Settings.model_validate({"rollout": {"tis_cap": 1.5}}))
     local = {k: v[rows] for k, v in batch.items()}
     lp = local.pop("logprobs")
     width = int(local["response_mask"].sum(1).max())  # trimmed, as the learner's micro-batches are
@@ -115,5 +118,6 @@ def test_two_processes_give_the_one_process_loss_and_gradient(tmp_path: Path) ->
     assert torch.allclose(two["grad"], one_grad, rtol=0, atol=1e-12)
     assert one_grad.abs().sum() > 0
     assert set(two["metrics"]) == set(one_metrics)
+    assert one_metrics["tis/trunc_frac"] > 0  # the IS weights' metrics are shares of all rollout tokens
     for key, value in one_metrics.items():
         assert two["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key

@@ -78,7 +78,8 @@ class Prepared:
     token-mean weights of metrics; live[k] False when the term has no token at all.
     row_metrics: name -> (B,) per-row shares of batch-level metrics; shares: how the
     overall metrics mix the per-term ones. tis: (B, T) truncated IS weights, or the
-    (rollout_logprobs, rollout tokens, cap) to weigh with when pi_old is the live policy.
+    (rollout_logprobs, rollout tokens, cap, number of rollout tokens) to weigh with when
+    pi_old is the live policy.
     value_coef: (B,) per-row weight of the critic's token losses.
     """
 
@@ -95,7 +96,7 @@ class Prepared:
     returns: Tensor | None = None
     old_values: Tensor | None = None
     value_coef: Tensor | None = None
-    tis: Tensor | tuple[Tensor, Tensor, float] | None = None
+    tis: Tensor | tuple[Tensor, Tensor, float, float] | None = None
     stats: dict[str, Tensor] = field(default_factory=dict)
     weights: dict[str, Tensor] = field(default_factory=dict)
 
@@ -318,12 +319,12 @@ class LossProgram:
                     share if self.const_branches[j] else torch.zeros_like(share)
                 )
 
-        tis: Tensor | tuple[Tensor, Tensor, float] | None = None
+        tis: Tensor | tuple[Tensor, Tensor, float, float] | None = None
         cap = tis_cap
         if cap is not None and rollout_logprobs is not None:
             rmask = mask & ~demo[:, None]
-            if old is None or old_is_current:
-                tis = (rlp, rmask, float(cap))  # type: ignore[assignment]
+            if old is None or old_is_current:  # the weights need the live log-probs: kept for the loss
+                tis = (rlp, rmask, float(cap), float(rmask.sum().clamp(min=1)))  # type: ignore[assignment]
             else:
                 tok_share = rmask / rmask.sum().clamp(min=1)
                 log_w = torch.where(rmask, old - rlp, 0.0)  # type: ignore[operator]
@@ -499,15 +500,16 @@ class LossProgram:
     @staticmethod
     @torch.no_grad()
     def _live_tis(
-        tis: tuple[Tensor, Tensor, float], idx: slice | Tensor, width: int, lp: Tensor, old: Tensor | None,
-        mf: Tensor,
+        tis: tuple[Tensor, Tensor, float, float], idx: slice | Tensor, width: int, lp: Tensor,
+        old: Tensor | None, mf: Tensor,
     ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
-        """Truncated IS weights min(pi_old / pi_rollout, C) when pi_old is the live policy."""
-        rlp, rmask, cap = tis
+        """Truncated IS weights min(pi_old / pi_rollout, C) when pi_old is the live policy. The
+        metrics are shares of the mini-batch's n rollout tokens (n counted at prepare, over all
+        processes), so the parts of micro-batches and of processes add up."""
+        rlp, rmask, cap, n = tis
         rm = rmask[idx][:, :width]
         base = lp.detach() if old is None else old
         log_w = torch.where(rm, base - rlp[idx][:, :width].to(lp.dtype), 0.0)
-        n = rmask.sum().clamp(min=1)
         metrics = {
             "tis/trunc_frac": (rm & (log_w.exp() > cap)).sum() / n,
             "tis/mismatch": log_w.abs().sum() / n,
