@@ -14,6 +14,11 @@ folder named ``step-*`` is therefore always complete; a killed write leaves only
 ``.tmp-*`` folder, removed by the next save. Nothing is ever unpickled: tensors are
 safetensors, everything else JSON. The newest ``keep`` checkpoints are kept.
 
+In a run of several processes ``save_checkpoint`` and ``load_checkpoint`` are called by
+every process: each writes its own shard through the learner and its RNG state
+(``rng-rank<r>.safetensors``); the first process writes the rest and renames the folder
+once all have written. The run folder must be one folder that every process sees.
+
 For tests, ``HPT_DSL_FAULT=checkpoint:N`` ends the process (``os._exit(86)``) in the
 middle of writing the N-th checkpoint of this process, after some files are written and
 before the rename: exactly a crash during the write.
@@ -31,6 +36,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from hpt_dsl import dist
 
 FORMAT = 1
 _PATTERN = re.compile(r"^step-(\d+)$")
@@ -63,16 +70,20 @@ def _fault_here() -> bool:
 
 
 def save_checkpoint(run_dir: Path, step: int, learner: Any, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write the checkpoint of ``step`` (see the module docstring); returns its folder."""
+    """Write the checkpoint of ``step`` (see the module docstring); returns its folder.
+    Collective in a run of several processes."""
     global _writes
     _writes += 1
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{name}"
-    tmp.mkdir()
+    final = root / name
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
     learner.save(tmp)
     if _fault_here():
         os._exit(86)
@@ -80,7 +91,22 @@ def save_checkpoint(run_dir: Path, step: int, learner: Any, state: dict[str, Any
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"cuda{i}"] = s
-    save_file(rng, str(tmp / "rng.safetensors"))
+    save_file(rng, str(tmp / _rng_file()))
+    dist.barrier()
+    if dist.is_main():
+        _finish(tmp, final, state, step)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _rng_file() -> str:
+    return "rng.safetensors" if dist.is_main() else f"rng-rank{dist.rank()}.safetensors"
+
+
+def _finish(tmp: Path, final: Path, state: dict[str, Any], step: int) -> None:
+    """state.json, fsync, then the atomic rename of ``tmp`` to ``final``."""
     py_state = random.getstate()
     full = {
         **state,
@@ -90,14 +116,10 @@ def save_checkpoint(run_dir: Path, step: int, learner: Any, state: dict[str, Any
     }
     (tmp / "state.json").write_text(json.dumps(full))
     _fsync_tree(tmp)
-    final = root / name
     if final.exists():  # the same step saved again (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    _fsync_dir(final.parent)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -124,7 +146,8 @@ def load_checkpoint(path: Path, learner: Any) -> dict[str, Any]:
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT}")
     learner.load(path)
-    rng = load_file(str(path / "rng.safetensors"))
+    own = path / _rng_file()
+    rng = load_file(str(own if own.exists() else path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():

@@ -73,8 +73,12 @@ class Reporter:
         quiet: bool = False,
         json_logs: bool = False,
         json_stream: TextIO | None = None,
+        writes: bool = True,
     ) -> None:
+        self.writes = writes  # False on every process of a multi-process run but the first
         self.path = run_dir / "metrics.jsonl"
+        quiet = quiet or not writes
+        json_logs = json_logs and writes
         self.total = total_steps
         self.quiet = quiet
         self.json_logs = json_logs
@@ -113,6 +117,8 @@ class Reporter:
             self.progress.update(self.task, completed=step)
 
     def _write(self, row: dict[str, Any]) -> None:
+        if not self.writes:
+            return
         line = json.dumps({k: _clean(v) for k, v in row.items()})
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")

@@ -14,6 +14,14 @@ One step:
     sync       = engine.load_weights(learner.named_parameters())
     then metrics, a periodic evaluation on the held-out split, a periodic checkpoint.
 
+Several processes (a launcher's ``RANK`` / ``WORLD_SIZE``; the DeepSpeed learner): each
+process takes its block of the step's questions (``dist.shard``) and samples, scores and
+builds the rows of those only; ``dist.prepare`` computes every statistic and normaliser over
+the whole step, and the learner all-reduces the gradients, so an update is the one-process
+update. Optimizer mini-batches are drawn from the step's question indices, the same split
+in any number of processes. The first process alone evaluates and writes logs, metrics and
+the checkpoints' shared files; a Ctrl-C stops every process after the same step.
+
 ``run_recipe`` wraps it: load the recipe, prepare the run folder, resume, report.
 Exit conditions are exceptions the command line maps to exit codes: ``RunFault`` (3: too
 many non-finite steps in a row) and ``RunInterrupted`` (130: Ctrl-C, after a checkpoint).
@@ -33,6 +41,7 @@ from typing import Any, TextIO
 import torch
 
 from hpt_dsl import checkpoint as ckpt
+from hpt_dsl import dist
 from hpt_dsl.batch import TrainBatch, build_train_batch, used_rows
 from hpt_dsl.data import Task, load_task
 from hpt_dsl.data.verify import score_batch
@@ -81,6 +90,31 @@ def step_questions(n_train: int, per_step: int, step: int, seed: int) -> list[in
     return out
 
 
+def sample_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The rollout sampler's seed of a step: a function of (seed, step), and of the process
+    in a multi-process run, so that processes draw different samples for their questions."""
+    return seed * 1_000_003 + step + rank * 104_729_000_003
+
+
+def start_processes(settings: Any) -> None:
+    """Before any model is loaded: check the DeepSpeed config (a wrong one costs a second,
+    not a model load) and, with several processes, start their process group."""
+    world = dist.world_size()
+    if settings.learner.engine != "deepspeed":
+        if world > 1:
+            raise SetupError(
+                f"this run has {world} processes (WORLD_SIZE = {world}) but learner.engine = "
+                f"\"{settings.learner.engine}\"; several processes need learner.engine = \"deepspeed\""
+            )
+        return
+    from hpt_dsl.learner.deepspeed import init_distributed
+    from hpt_dsl.learner.ds_config import preflight
+
+    preflight(settings)
+    if world > 1:
+        init_distributed()
+
+
 # ----- one step ---------------------------------------------------------------------------
 
 
@@ -106,8 +140,12 @@ class Trainer:
         self.task: Task = load_task(self.s)
         if not self.task.train:
             raise SetupError(f"data.train '{self.s.data.train}' has no questions; give a file with rows")
+        self.shard = dist.shard(self.s.train.questions)  # this process's questions of each step
         torch.manual_seed(self.s.train.seed)
-        model, self.tokenizer = load_model(self.s.model, self.s.train.seed, run_dir)
+        # the first process builds (or converts) the model files; then the others read them
+        loaded = load_model(self.s.model, self.s.train.seed, run_dir) if dist.is_main() else None
+        dist.barrier()
+        model, self.tokenizer = loaded or load_model(self.s.model, self.s.train.seed, run_dir)
         if torch.cuda.is_available():
             model = model.to("cuda")
         self.prompts = PromptCache(self.tokenizer, self.s.model)
@@ -124,7 +162,7 @@ class Trainer:
         s, needs = self.s, self.needs
         t0 = time.perf_counter()
         idx = step_questions(len(self.task.train), s.train.questions, step, s.train.seed)
-        questions = [self.task.train[i] for i in idx]
+        questions = [self.task.train[i] for i in idx[self.shard.start : self.shard.stop]]
         prompts = [self.prompts.prompt(q) for q in questions]
         rollouts = []
         if needs.rollouts:
@@ -134,7 +172,7 @@ class Trainer:
                 top_p=s.rollout.top_p,
                 top_k=s.rollout.top_k,
                 max_new_tokens=s.rollout.max_new_tokens,
-                seed=s.train.seed * 1_000_003 + step,
+                seed=sample_seed(s.train.seed, step, dist.rank()),
             )
             rollouts = self.engine.generate(prompts, params)
         t1 = time.perf_counter()
@@ -146,15 +184,26 @@ class Trainer:
         batch = build_train_batch(prompts, rollouts, rewards, demos, demo_rewards, self.pad_id)
         batch = batch.to(self.device)
         t2 = time.perf_counter()
-        gen_tokens = sum(len(r.token_ids) for r in rollouts)
-        n = max(len(rollouts), 1)
+        total = dist.sum_metrics(  # over the questions of every process
+            {
+                "rollouts": float(len(rollouts)),
+                "reward": float(sum(rewards)),
+                "correct": float(sum(r >= 0.5 for r in rewards)),
+                "tokens": float(sum(len(r.token_ids) for r in rollouts)),
+                "truncated": float(sum(r.finish_reason == "length" for r in rollouts)),
+                "demos": float(sum(d is not None for d in demos)),
+                "rows": float(len(batch)),
+            }
+        )
+        n = max(total["rollouts"], 1.0)
         info = {
-            "reward/mean": sum(rewards) / n if rollouts else 0.0,
-            "acc": sum(r >= 0.5 for r in rewards) / n if rollouts else 0.0,
-            "response_length": gen_tokens / n if rollouts else 0.0,
-            "truncated": sum(r.finish_reason == "length" for r in rollouts) / n if rollouts else 0.0,
-            "demos": float(sum(d is not None for d in demos)),
-            "tokens_per_s": gen_tokens / (t1 - t0) if rollouts and t1 > t0 else 0.0,
+            "reward/mean": total["reward"] / n,
+            "acc": total["correct"] / n,
+            "response_length": total["tokens"] / n,
+            "truncated": total["truncated"] / n,
+            "demos": total["demos"],
+            "rows": int(total["rows"]),
+            "tokens_per_s": total["tokens"] / (t1 - t0) if rollouts and t1 > t0 else 0.0,
             "time/rollout": t1 - t0,
             "time/reward": t2 - t1,
         }
@@ -166,7 +215,9 @@ class Trainer:
         return self.demo_rewards[q.id]
 
     def _prepare(self, batch: TrainBatch, step: int, **passes: Any) -> Any:
-        return self.program.prepare(
+        """The estimator's prepare over the whole step (all processes), for this one's rows."""
+        return dist.prepare(
+            self.program,
             response_mask=batch.response_mask,
             rewards=batch.rewards,
             group_ids=batch.group_ids,
@@ -210,19 +261,18 @@ class Trainer:
         return passes
 
     def _mini_batches(self, batch: TrainBatch, step: int, epoch: int) -> list[torch.Tensor]:
-        """Row indices of each optimizer mini-batch: whole questions (advantage groups stay
-        together), shuffled per epoch from the seed."""
+        """Row indices (this process's) of each optimizer mini-batch: whole questions (advantage
+        groups stay together), the step's questions shuffled per epoch from the seed and cut
+        into train.mini_batches parts. A part without rows in any process is left out."""
         k = self.s.train.mini_batches
-        groups = torch.unique(batch.group_ids)
         if k == 1:
             return [torch.arange(len(batch))]
         g = torch.Generator().manual_seed(self.s.train.seed * 7919 + step * 31 + epoch)
-        order = groups[torch.randperm(groups.numel(), generator=g)]
-        return [
-            torch.nonzero(torch.isin(batch.group_ids, part), as_tuple=False).squeeze(1)
-            for part in order.chunk(k)
-            if part.numel()
-        ]
+        order = torch.randperm(self.s.train.questions, generator=g)
+        question = batch.group_ids.cpu() + self.shard.start  # the row's question in the step
+        parts = [torch.nonzero(torch.isin(question, part), as_tuple=False).squeeze(1) for part in order.chunk(k)]
+        rows = dist.all_reduce_sum(torch.tensor([float(p.numel()) for p in parts]))
+        return [p for p, n in zip(parts, rows.tolist(), strict=True) if n > 0]
 
     def train_step(self, step: int) -> dict[str, Any]:
         """One step (see the module docstring); returns its metrics line."""
@@ -257,7 +307,6 @@ class Trainer:
             {
                 "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
                 "skipped": skipped,
-                "rows": len(batch),
                 "time/logprob": t_passes - t_batch,
                 "time/update": end - t_passes,
                 "time/step": end - start,
@@ -315,27 +364,35 @@ def _rows(batch: TrainBatch, rows: torch.Tensor) -> TrainBatch:
 
 
 class _StopFlag:
-    """SIGINT sets a flag the loop checks between steps; a second Ctrl-C interrupts at once."""
+    """Ctrl-C (SIGINT) or SIGTERM sets a flag the loop checks between steps; a second one, at
+    least a second later, interrupts at once. Under a launcher a Ctrl-C reaches each process
+    twice (from the terminal, and forwarded by the launcher) within that second: one request."""
+
+    REPEAT_S = 1.0
 
     def __init__(self) -> None:
         self.set = False
-        self._old: Any = None
+        self._at = 0.0
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
-            self._old = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
+                pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.set:
+        now = time.monotonic()
+        if self.set and now - self._at >= self.REPEAT_S:
             raise KeyboardInterrupt
-        self.set = True
+        if not self.set:
+            self.set, self._at = True, now
 
     def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def cpu_threads(settings: Any) -> int:
@@ -381,14 +438,20 @@ def train(
     with ``json_logs`` every metrics line is also written to ``json_stream`` (stdout)."""
     s = recipe.settings
     started = time.perf_counter()
+    main = dist.is_main()
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if not resume and run_dir.exists() and (run_dir / "metrics.jsonl").exists():
         raise SetupError(f"run folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
+    start_processes(s)
+    dist.barrier()  # every process has looked at the run folder before the first one writes
     run_dir.mkdir(parents=True, exist_ok=True)
-    if recipe.source:
-        (run_dir / "recipe.hpt").write_text(recipe.source)
-    _write_run_json(run_dir, recipe, completed=False)
-    reporter = Reporter(run_dir, s.train.steps, quiet=quiet, json_logs=json_logs, json_stream=json_stream)
+    if main:
+        if recipe.source:
+            (run_dir / "recipe.hpt").write_text(recipe.source)
+        _write_run_json(run_dir, recipe, completed=False, processes=dist.world_size())
+    reporter = Reporter(
+        run_dir, s.train.steps, quiet=quiet, json_logs=json_logs, json_stream=json_stream, writes=main
+    )
     trainer = Trainer(recipe, run_dir, reporter)
     start_step, elapsed_before = 0, 0.0
     if latest is not None:
@@ -396,10 +459,18 @@ def train(
         trainer.engine.load_weights(trainer.learner.named_parameters())
         start_step, trainer.bad_steps = state["step"], state.get("bad_steps", 0)
         elapsed_before = state.get("elapsed", 0.0)
-        truncate_metrics(run_dir / "metrics.jsonl", start_step)
+        if main:
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
         reporter.message(f"resumed from {latest.name} (step {start_step})")
-    elif resume:
+    elif resume and main:
         truncate_metrics(run_dir / "metrics.jsonl", -1)
+
+    def evaluate(step: int) -> None:
+        """The held-out evaluation, by the first process (the others wait for it)."""
+        ev = trainer.evaluate() if main else None
+        if ev is not None:
+            reporter.evaluation(step, ev)
+        dist.barrier()
 
     def save(step: int) -> None:
         elapsed = elapsed_before + time.perf_counter() - started
@@ -409,9 +480,7 @@ def train(
         with reporter, _StopFlag() as stop:
             reporter.start_at(start_step)
             if start_step == 0:
-                ev = trainer.evaluate()
-                if ev is not None:
-                    reporter.evaluation(0, ev)
+                evaluate(0)
             for step in range(start_step, s.train.steps):
                 row = trainer.train_step(step)
                 row["time"] = elapsed_before + time.perf_counter() - started
@@ -431,32 +500,33 @@ def train(
                 trainer.bad_steps = 0
                 final = done == s.train.steps
                 if s.train.eval_every and done % s.train.eval_every == 0 or final:
-                    ev = trainer.evaluate()
-                    if ev is not None:
-                        reporter.evaluation(done, ev)
-                if final or (s.train.save_every and done % s.train.save_every == 0) or stop.set:
+                    evaluate(done)
+                stopping = dist.all_reduce_max(int(stop.set)) > 0  # every process stops after this step
+                if final or (s.train.save_every and done % s.train.save_every == 0) or stopping:
                     save(done)
-                if stop.set:
+                if stopping:
                     raise RunInterrupted(
                         f"interrupted at step {done}; checkpoint saved, resume with --resume {run_dir}"
                     )
             final_dir = run_dir / "final-model"
-            if final_dir.exists():
+            if main and final_dir.exists():
                 shutil.rmtree(final_dir)
+            dist.barrier()
             trainer.learner.save_pretrained(final_dir)
     except KeyboardInterrupt:
         raise RunInterrupted(f"interrupted; resume from the last checkpoint with --resume {run_dir}") from None
     finally:
         trainer.close()
     wall = elapsed_before + time.perf_counter() - started
-    _write_run_json(
-        run_dir,
-        recipe,
-        completed=True,
-        wall_s=wall,
-        final_eval=reporter.last_eval or None,
-        first_eval=reporter.first_eval,
-    )
+    if main:
+        _write_run_json(
+            run_dir,
+            recipe,
+            completed=True,
+            wall_s=wall,
+            final_eval=reporter.last_eval or None,
+            first_eval=reporter.first_eval,
+        )
     reporter.summary(run_dir, wall, {"run folder": str(run_dir), "final model": str(run_dir / "final-model")})
     return RunResult(run_dir, s.train.steps, wall, reporter.first_eval, reporter.last_eval or None)
 
