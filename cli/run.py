@@ -45,6 +45,7 @@ def run_command(
     resume: Path | None = typer.Option(None, "--resume", metavar="RUN_DIR", help="continue this run folder"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no live view, no summary"),
     json_logs: bool = typer.Option(False, "--json-logs", help="print each metrics line as JSON on stdout"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="draw the run's figures into RUN_DIR/plots at the end"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Train: rollouts, rewards, gates, updates, evaluation, checkpoints, final model."""
@@ -71,7 +72,8 @@ def run_command(
         # stdout carries only the JSON lines: whatever a library prints goes to stderr
         json_stream = sys.stdout
         with contextlib.redirect_stdout(sys.stderr):
-            train(r, run_dir, resume=resume is not None, quiet=quiet, json_logs=json_logs, json_stream=json_stream)
+            train(r, run_dir, resume=resume is not None, quiet=quiet, json_logs=json_logs, json_stream=json_stream,
+                  plots=plots)
     except RunInterrupted as e:
         console.print(f"[yellow]{e}[/yellow]")
         raise typer.Exit(130) from None

@@ -162,7 +162,7 @@ class Reporter:
             self.console.print(text)
 
     def summary(self, run_dir: Path, wall_s: float, extra: dict[str, Any]) -> Table:
-        """The closing table; printed unless quiet."""
+        """The closing table, then the paths in ``extra`` (one line each); printed unless quiet."""
         table = Table(title="hpt-dsl run", show_header=True, header_style="bold")
         table.add_column("")
         table.add_column("first", justify="right")
@@ -189,10 +189,10 @@ class Reporter:
             if tps:
                 table.add_row("rollout tokens/s (mean)", "", f"{sum(tps) / len(tps):.0f}")
         table.add_row("wall time", "", f"{wall_s:.1f} s")
-        for k, v in extra.items():
-            table.add_row(k, "", str(v))
         if not self.quiet and not self.json_logs:
             self.console.print(table)
+            for k, v in extra.items():  # paths: whole lines, never cut to the table's width
+                self.console.print(f"{k}: {v}", soft_wrap=True)
         return table
 
 

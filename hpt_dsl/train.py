@@ -433,9 +433,11 @@ def train(
     quiet: bool = False,
     json_logs: bool = False,
     json_stream: TextIO | None = None,
+    plots: bool = False,
 ) -> RunResult:
     """Run ``recipe`` into ``run_dir`` (continuing its latest checkpoint when ``resume``);
-    with ``json_logs`` every metrics line is also written to ``json_stream`` (stdout)."""
+    with ``json_logs`` every metrics line is also written to ``json_stream`` (stdout); with
+    ``plots`` the run's figures are drawn into ``run_dir/plots`` at the end."""
     s = recipe.settings
     started = time.perf_counter()
     main = dist.is_main()
@@ -527,8 +529,24 @@ def train(
             final_eval=reporter.last_eval or None,
             first_eval=reporter.first_eval,
         )
-    reporter.summary(run_dir, wall, {"run folder": str(run_dir), "final model": str(run_dir / "final-model")})
+    extra = {"run folder": str(run_dir), "final model": str(run_dir / "final-model")}
+    if plots and main:
+        extra["figures"] = _draw(run_dir, reporter)
+    reporter.summary(run_dir, wall, extra)
     return RunResult(run_dir, s.train.steps, wall, reporter.first_eval, reporter.last_eval or None)
+
+
+def _draw(run_dir: Path, reporter: Reporter) -> str:
+    """The run's figures (``hpt-dsl plot``) in ``run_dir/plots``; a failure to draw is a
+    message, never a failed run."""
+    try:
+        from hpt_dsl.plot import plot_runs
+
+        paths = plot_runs([run_dir], run_dir / "plots")
+    except Exception as err:  # the run itself is complete: say why there is no figure
+        reporter.message(f"no figures: {err}")
+        return "none"
+    return f"{run_dir / 'plots'} ({len([p for p in paths if p.suffix == '.png'])} PNG + SVG)"
 
 
 def run_recipe(

@@ -212,3 +212,17 @@ def test_json_logs_and_quiet(tmp_path: Path) -> None:
     assert printed == lines(tmp_path / "j")
     quiet = cli("recipes/grpo.hpt", *sets, "-o", str(tmp_path / "q"), "--quiet")
     assert quiet.returncode == 0 and quiet.stdout == ""
+
+
+@pytest.mark.slow
+def test_run_draws_its_figures_and_prints_where(tmp_path: Path) -> None:
+    sets = [f"--set={s}" for s in [*SMALL, "train.steps=2"]]
+    proc = cli("recipes/hpt.hpt", *sets, "-o", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plots = tmp_path / "r" / "plots"
+    for name in ("accuracy", "reward", "gate-hpt", "loss-hpt"):
+        png = plots / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (plots / f"{name}.svg").exists(), name
+    assert "figures" in proc.stderr and "plots" in proc.stderr
+    bare = cli("recipes/hpt.hpt", *sets, "-o", str(tmp_path / "n"), "--no-plots", "--quiet")
+    assert bare.returncode == 0 and not (tmp_path / "n" / "plots").exists()
