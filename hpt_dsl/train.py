@@ -365,10 +365,11 @@ def _rows(batch: TrainBatch, rows: torch.Tensor) -> TrainBatch:
 
 class _StopFlag:
     """Ctrl-C (SIGINT) or SIGTERM sets a flag the loop checks between steps; a second one, at
-    least a second later, interrupts at once. Under a launcher a Ctrl-C reaches each process
-    twice (from the terminal, and forwarded by the launcher) within that second: one request."""
+    least REPEAT_S seconds later, interrupts at once. Under a launcher a Ctrl-C reaches each
+    process twice (from the terminal, and forwarded by the launcher) within that time: one
+    request."""
 
-    REPEAT_S = 1.0
+    REPEAT_S = 3.0
 
     def __init__(self) -> None:
         self.set = False
