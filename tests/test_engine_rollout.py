@@ -9,7 +9,7 @@ import torch
 
 from hpt_dsl import models
 from hpt_dsl.rollout.base import SamplingParams
-from hpt_dsl.rollout.hf import HFRolloutEngine
+from hpt_dsl.rollout.hf import HFRolloutEngine, filter_logits
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,51 @@ def test_load_weights_copies_unshared_tensors(tiny, prompts, tmp_path: Path) -> 
     for (_, a), (_, b) in zip(other.named_parameters(), model.named_parameters(), strict=True):  # type: ignore[attr-defined]
         assert torch.equal(a, b)
     assert engine.generate(prompts, greedy) == HFRolloutEngine(model, tok).generate(prompts, greedy)
+
+
+def test_top_k_then_top_p_keep_the_most_likely_tokens() -> None:
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    x = probs.log()
+    kept = lambda k, p: torch.isfinite(filter_logits(x, k, p))[0].nonzero().squeeze(1).tolist()  # noqa: E731
+    assert kept(0, 1.0) == [0, 1, 2, 3]
+    assert kept(0, 0.4) == [1]  # the most likely token alone already reaches 0.4
+    assert kept(0, 0.7) == [1, 3]  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert kept(0, 0.9) == [0, 1, 3]
+    assert kept(2, 1.0) == [1, 3]
+    assert kept(3, 0.9) == [0, 1, 3]
+    assert kept(1, 0.01) == [1]
+
+
+def test_top_p_samples_only_inside_the_nucleus(tiny, prompts) -> None:
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok)
+    tau, top_p = 3.0, 0.5
+    out = engine.generate(prompts[:1], SamplingParams(n=64, temperature=tau, top_p=top_p, max_new_tokens=1, seed=3))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompts[0]])).logits[0, -1] / tau  # type: ignore[operator]
+    nucleus = set(torch.isfinite(filter_logits(logits[None], 0, top_p))[0].nonzero().squeeze(1).tolist())
+    firsts = {r.token_ids[0] for r in out}
+    assert firsts <= nucleus and len(firsts) > 1
+    # the recorded log-prob is the one before the filter (see rollout.base)
+    lp = torch.log_softmax(logits.double(), -1)
+    for r in out:
+        assert r.logprobs[0] == pytest.approx(float(lp[r.token_ids[0]]), abs=1e-4)
+
+
+def test_sequences_that_stop_early_leave_the_batch_without_disturbing_the_others(tiny, prompts) -> None:
+    """With many stop tokens, rows finish at different steps; the rows still running keep the
+    right cache: every log-prob equals a fresh forward pass over prompt + response."""
+    model, tok = tiny
+    engine = HFRolloutEngine(model, tok)
+    engine.eos_ids = set(range(4, 8))  # 4 tokens of 128 end a sequence
+    tau = 2.0
+    out = engine.generate(prompts, SamplingParams(n=8, temperature=tau, max_new_tokens=30, seed=11))
+    lengths = {len(r.token_ids) for r in out}
+    assert len(lengths) > 5 and any(r.finish_reason == "length" for r in out)
+    for r in out:
+        if r.finish_reason == "stop":
+            assert r.token_ids[-1] in engine.eos_ids and not set(r.token_ids[:-1]) & engine.eos_ids
+        else:
+            assert len(r.token_ids) == 30 and not set(r.token_ids) & engine.eos_ids
+        expected = _forward_logprobs(model, prompts[r.prompt_index], r.token_ids, tau)
+        assert torch.allclose(torch.tensor(r.logprobs, dtype=torch.float64), expected, atol=1e-4)

@@ -1,12 +1,17 @@
-"""The rollout engine on transformers' ``generate``: batched, KV-cached sampling.
+"""The rollout engine on transformers models: batched, KV-cached sampling in one loop.
 
 Prompts are left-padded into one batch (chunks of at most ``max_sequences`` sampled
-sequences), each repeated ``n`` times, and sampled in one ``generate`` call with a fresh
-``GenerationConfig`` (so a checkpoint's own sampling defaults never leak in). The
-log-prob of every sampled token is recorded on the fly by a logits processor that runs
-before the temperature / top-k / top-p warpers and keeps one step of log-probs::
+sequences). Each distinct prompt is run through the model once (the prefill) and its KV
+cache is repeated ``n`` times; then every step feeds the last sampled token of each
+unfinished sequence and samples the next one::
 
-    logprobs[t] = log_softmax(logits_t / tau)[token_t]
+    logprobs[t] = log_softmax(logits_t / tau)[token_t]          (recorded before filtering)
+    token_t     ~ softmax(filter(logits_t / tau))               (top-k, then top-p; greedy: argmax)
+
+A sequence that samples an end-of-sequence token is finished, and its row is dropped from
+the batch and from the KV cache, so a step only computes the sequences still running
+(``generate`` keeps computing finished ones until the longest is done). Sampling draws from
+a generator seeded with ``params.seed``: the global random state is neither used nor changed.
 
 The engine samples with the learner's own model object, so after an update its weights
 are already current and ``load_weights`` only copies tensors that are not shared.
@@ -14,6 +19,7 @@ are already current and ``load_weights`` only copies tensors that are not shared
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,37 +31,42 @@ from hpt_dsl.rollout.base import Rollout, RolloutEngine, SamplingParams
 from hpt_dsl.settings import Settings
 
 
-class _LogprobRecorder:
-    """A logits processor that records log_softmax(logits / tau) of each sampled token.
+def filter_logits(x: Tensor, top_k: int, top_p: float) -> Tensor:
+    """``x`` (rows, V) with the tokens outside the top-k, then outside the top-p nucleus, set
+    to -inf. The nucleus is the smallest set of most likely tokens whose probability reaches
+    ``top_p``; the most likely token is always kept."""
+    if 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+        drop = before >= top_p
+        drop[..., 0] = False
+        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return x
 
-    At step t it sees the token sampled at step t - 1 as the last column of ``input_ids``
-    and reads its log-prob from the previous step's distribution; ``finish`` reads the
-    last one. Only one step of (B, V) log-probs is held at a time.
-    """
 
-    def __init__(self, temperature: float) -> None:
-        self.temperature = temperature
-        self.prev: Tensor | None = None
-        self.steps: list[Tensor] = []
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.prev is not None:
-            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def finish(self, last_tokens: Tensor) -> Tensor:
-        """(B, steps) log-probs, given the tokens sampled at the last step."""
-        if self.prev is not None:
-            self.steps.append(self.prev.gather(1, last_tokens[:, None]).squeeze(1))
-            self.prev = None
-        return torch.stack(self.steps, dim=1) if self.steps else torch.zeros(0, 0)
+def _sample(x: Tensor, params: SamplingParams, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(next token, its log-prob log_softmax(x)[token]) of each row of ``x`` = logits / tau."""
+    lp = torch.log_softmax(x, dim=-1)
+    if params.greedy:
+        nxt = x.argmax(-1)
+    else:
+        if params.top_k == 0 and params.top_p >= 1.0:
+            probs = lp.exp()
+        else:
+            probs = torch.softmax(filter_logits(x, params.top_k, params.top_p), dim=-1)
+        nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    return nxt, lp.gather(1, nxt[:, None]).squeeze(1)
 
 
 class HFRolloutEngine(RolloutEngine):
-    """Samples with ``model.generate``; shares the model with the torch learner."""
+    """Samples with the model's own forward pass and KV cache; shares the model with the
+    torch learner."""
 
-    max_sequences = 512  # sampled sequences per generate call (memory bound)
+    max_sequences = 512  # sampled sequences per call of the sampling loop (memory bound)
 
     def __init__(self, model: Any, tokenizer: Any, settings: Settings | None = None) -> None:
         self.model = model
@@ -65,6 +76,7 @@ class HFRolloutEngine(RolloutEngine):
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
+        self._last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         per_call = max(1, self.max_sequences // params.n)
@@ -75,57 +87,68 @@ class HFRolloutEngine(RolloutEngine):
                 out.append(Rollout(r.prompt_index + start, r.token_ids, r.logprobs, r.finish_reason))
         return out
 
+    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any) -> tuple[Tensor, Any]:
+        """(float logits of the last position, the KV cache) after feeding ``ids``."""
+        extra = {"logits_to_keep": 1} if self._last_only else {}
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **extra
+        )
+        return out.logits[:, -1].float(), out.past_key_values
+
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Rollout]:
-        from transformers import GenerationConfig, LogitsProcessorList
-
-        ids, mask = pad_left(prompts, self.pad_id)
+        n, steps, tau = params.n, params.max_new_tokens, params.temperature
         device = next(self.model.parameters()).device
+        ids, mask = pad_left(prompts, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        greedy = params.top_k == 1
-        config = GenerationConfig(
-            do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=params.top_p,  # explicit: None would mean transformers' default (top_k=50)
-            top_k=params.top_k,  # 0 = no top-k filtering
-            max_new_tokens=params.max_new_tokens,
-            num_return_sequences=params.n,
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=self.pad_id,
-        )
-        recorder = _LogprobRecorder(params.temperature)
+        B = len(prompts) * n
+        tokens = torch.full((B, max(steps, 1)), self.pad_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, max(steps, 1), dtype=torch.float32, device=device)
+        length = torch.full((B,), steps, dtype=torch.long, device=device)
+        stopped = torch.zeros(B, dtype=torch.bool, device=device)
+        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=device)
+        gen = torch.Generator(device).manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                seqs = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    generation_config=config,
-                    logits_processor=LogitsProcessorList([recorder]),
-                )
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            logits, cache = self._forward(ids, mask, pos, None) if steps else (None, None)
+            if n > 1 and cache is not None:  # one prefill per prompt, its cache shared by its n samples
+                cache.batch_repeat_interleave(n)
+                logits = logits.repeat_interleave(n, dim=0)
+            mask = mask.repeat_interleave(n, dim=0)
+            rows = torch.arange(B, device=device)  # the sequences still running
+            pos = mask.sum(1)  # position of the next token of each row
+            for t in range(steps):
+                assert logits is not None
+                nxt, lp = _sample(logits / tau, params, gen)
+                tokens[rows, t] = nxt
+                logprobs[rows, t] = lp
+                done = torch.isin(nxt, eos)
+                if bool(done.any()):
+                    stopped[rows[done]] = True
+                    length[rows[done]] = t + 1
+                    keep = torch.nonzero(~done, as_tuple=False).squeeze(1)
+                    rows, nxt, mask, pos = rows[keep], nxt[keep], mask[keep], pos[keep]
+                    if t + 1 < steps and keep.numel():
+                        cache.batch_select_indices(keep)
+                if t + 1 == steps or rows.numel() == 0:
+                    break
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                logits, cache = self._forward(nxt[:, None], mask, pos[:, None], cache)
+                pos = pos + 1
         finally:
             self.model.train(was_training)
-        new = seqs[:, ids.shape[1] :].cpu()
-        logprobs = recorder.finish(new[:, -1].to(device)).cpu() if new.shape[1] else torch.zeros(len(new), 0)
-        rollouts = []
-        for row in range(new.shape[0]):
-            tokens = new[row].tolist()
-            end, reason = len(tokens), "length"
-            for t, tok in enumerate(tokens):
-                if tok in self.eos_ids:
-                    end, reason = t + 1, "stop"
-                    break
-            rollouts.append(
-                Rollout(
-                    prompt_index=row // params.n,
-                    token_ids=tuple(tokens[:end]),
-                    logprobs=tuple(logprobs[row, :end].tolist()),
-                    finish_reason=reason,  # type: ignore[arg-type]
-                )
+        tokens, logprobs, length, stopped = tokens.cpu(), logprobs.cpu(), length.tolist(), stopped.tolist()
+        return [
+            Rollout(
+                prompt_index=row // n,
+                token_ids=tuple(tokens[row, : length[row]].tolist()),
+                logprobs=tuple(logprobs[row, : length[row]].tolist()),
+                finish_reason="stop" if stopped[row] else "length",
             )
-        return rollouts
+            for row in range(B)
+        ]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         params = dict(self.model.named_parameters())
