@@ -1,4 +1,4 @@
-"""Rollout throughput: generated tokens per second, transformers' generate vs vLLM.
+"""Rollout throughput: generated tokens per second, the hf engine vs vLLM.
 
     .venv-vllm/bin/python bench/rollout.py                      # built-in tiny model, CPU
     python bench/rollout.py --model smollm2-135m --questions 64 --n 8 --max-new-tokens 256

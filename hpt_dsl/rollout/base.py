@@ -1,6 +1,7 @@
 """The rollout engine interface: prompts in, sampled responses with their log-probs out.
 
-Every engine (``hf`` on transformers' ``generate``, ``vllm``) implements ``RolloutEngine``.
+Every engine (``hf``, a KV-cached sampling loop on the transformers model, and ``vllm``)
+implements ``RolloutEngine``.
 The training loop only ever talks to this interface, through ``make_rollout_engine``.
 
 Conventions every engine keeps:
