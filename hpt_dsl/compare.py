@@ -143,6 +143,8 @@ def final_pass_at_k(job: Job) -> dict[str, Any]:
     """Sample ``job.pass_k`` responses per test question from the run's final model (the
     run's own evaluation settings: temperature, top-p, length, prompts, reward) and write
     avg@k and pass@k to ``pass_at_k.json``."""
+    from transformers.utils import logging as hf_logging
+
     from hpt_dsl.data import load_task
     from hpt_dsl.evaluate import evaluate
     from hpt_dsl.lang import load_recipe
@@ -151,6 +153,7 @@ def final_pass_at_k(job: Job) -> dict[str, Any]:
     from hpt_dsl.rollout.base import SamplingParams
     from hpt_dsl.rollout.hf import HFRolloutEngine
 
+    hf_logging.disable_progress_bar()  # the comparison has its own progress lines
     s = load_recipe(job.recipe, overrides=job.overrides).settings
     model, tokenizer = load_local(job.run_dir / "final-model", s.model)
     task = load_task(s)
