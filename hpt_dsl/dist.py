@@ -103,6 +103,9 @@ def _spawned(rank_: int, fn: Callable[..., Any], world: int, port: int, args: tu
                       LOCAL_RANK=str(rank_), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     fn(*args)
+    if td.is_available() and td.is_initialized():  # leave together: a process that exits while
+        td.barrier()  # another still talks to it can abort inside gloo's threads
+        td.destroy_process_group()
 
 
 def barrier() -> None:
