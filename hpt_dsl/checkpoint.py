@@ -146,8 +146,7 @@ def load_checkpoint(path: Path, learner: Any) -> dict[str, Any]:
     if state.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')} is not {FORMAT}")
     learner.load(path)
-    own = path / _rng_file()
-    rng = load_file(str(own if own.exists() else path / "rng.safetensors"))
+    rng = load_file(str(path / _rng_file()))  # this process's own (resume keeps the process count)
     torch.set_rng_state(rng["torch"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available():

@@ -320,11 +320,12 @@ class LossProgram:
                 )
 
         tis: Tensor | tuple[Tensor, Tensor, float, float] | None = None
+        live_tis: tuple[Tensor, Tensor, float] | None = None  # completed with its token count below
         cap = tis_cap
         if cap is not None and rollout_logprobs is not None:
             rmask = mask & ~demo[:, None]
             if old is None or old_is_current:  # the weights need the live log-probs: kept for the loss
-                tis = (rlp, rmask, float(cap), float(rmask.sum().clamp(min=1)))  # type: ignore[assignment]
+                live_tis = (rlp, rmask, float(cap))  # type: ignore[assignment]
             else:
                 tok_share = rmask / rmask.sum().clamp(min=1)
                 log_w = torch.where(rmask, old - rlp, 0.0)  # type: ignore[operator]
@@ -341,7 +342,10 @@ class LossProgram:
         # one synchronisation for every count the metrics mix and every term's liveness
         nonfinite = [k for k in row_metrics if k.endswith("/nonfinite")]
         flags = [(c != 0).any().to(dtype) for c in coef] + [row_metrics[k].sum() for k in nonfinite]
-        summary = torch.stack(counts + flags).tolist() if coef else []
+        tis_count = [] if live_tis is None else [live_tis[1].sum().to(dtype)]
+        summary = torch.stack(counts + flags + tis_count).tolist() if coef or tis_count else []
+        if live_tis is not None:
+            tis = (*live_tis, max(summary.pop(), 1.0))
         n_tok, live = summary[: len(coef)], [bool(x) for x in summary[len(coef) : 2 * len(coef)]]
         for key, total in zip(nonfinite, summary[2 * len(coef) :], strict=True):
             if not total:  # reported only when some question's weight was not finite
