@@ -81,6 +81,9 @@ class LearnerSettings(_Section):
     zero_stage: int = Field(0, ge=0, le=3)
     offload: bool = False
     deepspeed_config: str | None = Field(None, description="JSON file whose keys override the generated config")
+    share_prompts: bool = Field(
+        True, description="run each distinct prompt of a micro-batch once and share its KV cache"
+    )
 
 
 class CriticSettings(_Section):

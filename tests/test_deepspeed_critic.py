@@ -96,8 +96,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 def test_policy_and_critic_match_plain_learner(runs: dict, world: int, stage: int) -> None:
     ds = runs[f"world{world}"]
     for part in ("policy", "critic"):
-        assert max_diff(ds[f"{stage}/{part}"], runs["plain"][part]) < 5e-6, part
-        assert max_diff(runs["plain"][part], runs["initial"][part]) > 50e-6, part  # moved 10x the tolerance
+        # float32: Adam's g / sqrt(v) amplifies rounding differences of tiny gradient entries
+        assert max_diff(ds[f"{stage}/{part}"], runs["plain"][part]) < 1e-5, part
+        assert max_diff(runs["plain"][part], runs["initial"][part]) > 100e-6, part  # moved 10x the tolerance
     for step in range(UPDATES):
         plain, mine = runs["plain"][f"metrics/{step}"], ds[f"{stage}/metrics/{step}"]
         for key in ("loss", "value_loss", "critic_grad_norm", "grad_norm"):

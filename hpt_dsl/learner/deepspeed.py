@@ -123,6 +123,8 @@ class DeepSpeedLearner(TorchLearner):
         self.saved_dtype = next(model.parameters()).dtype
         super().__init__(recipe, model, tokenizer)  # AdamW, schedule, reference model, critic
         self.autocast = False  # DeepSpeed holds bf16 weights itself when learner.precision = bf16
+        if self.zero_stage == 3:  # each forward gathers parameters: one forward per micro-batch on every rank
+            self.share_prompts = False
         deepspeed = import_deepspeed()
         init_distributed()
         self.engine = self._engine(deepspeed, model, self.optimizer, self.scheduler, self.config)

@@ -5,6 +5,7 @@ One ``update`` is one optimizer step over one optimizer mini-batch:
     rows  = the rows the loss gives weight (``used_rows(prep)``), sorted by length
     for each micro-batch of ``train.micro_batch`` rows (padding trimmed to its own width):
         logprobs, entropy = token_logprobs(policy(prompt + response) / tau)
+                            (each distinct prompt run once, see ``hpt_dsl.learner.prefix``)
         out = program.loss(prep, logprobs, rows, entropy, values=critic(...))
         (out.loss + out.value_loss).backward()      # micro-batch losses sum to the full loss
     g = clip_grad_norm(policy, train.grad_clip)      # skip everything if not finite
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from hpt_dsl.batch import TrainBatch, used_rows
 from hpt_dsl.learner.base import Learner, UpdateResult
+from hpt_dsl.learner.prefix import distinct_prompts, shared_prompt_logits
 from hpt_dsl.logprob import token_logprobs
 from hpt_dsl.recipe import Recipe
 from hpt_dsl.settings import CriticSettings, TrainSettings
@@ -92,6 +94,7 @@ class TorchLearner(Learner):
         self.device = next(model.parameters()).device
         self.temperature = s.rollout.temperature
         self.with_entropy = recipe.needs.entropy
+        self.share_prompts = s.learner.share_prompts  # turned off for good if the model's cache is not plain
         self.autocast = s.learner.precision == "bf16"
         t = s.train
         self.total_updates = t.steps * t.mini_batches * t.epochs
@@ -114,13 +117,27 @@ class TorchLearner(Learner):
 
     def _logprobs(self, model: nn.Module, mb: TrainBatch, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         """(b, T) log pi(response token | prefix) at temperature tau, and the entropy."""
-        ids, mask, pos = _inputs(mb, self.device)
-        T = mb.response_ids.shape[1]
+        y = mb.response_ids.to(self.device)
+        shared = distinct_prompts(mb) if self.share_prompts else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T + 1
-            ).logits[:, :-1]
-        return token_logprobs(logits, mb.response_ids.to(self.device), self.temperature, with_entropy)
+            split = None if shared is None else shared_prompt_logits(model, mb, self.device, *shared)
+            if shared is not None and split is None:
+                self.share_prompts = False
+            if split is None:
+                ids, mask, pos = _inputs(mb, self.device)
+                logits = model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                    logits_to_keep=y.shape[1] + 1,
+                ).logits[:, :-1]  # fmt: skip
+        if split is None:
+            return token_logprobs(logits, y, self.temperature, with_entropy)
+        first, rest = split
+        parts = [token_logprobs(first, y[:, :1], self.temperature, with_entropy)]
+        if rest.shape[1]:
+            parts.append(token_logprobs(rest, y[:, 1:], self.temperature, with_entropy))
+        lp = torch.cat([p[0] for p in parts], dim=1)
+        ent = torch.cat([p[1] for p in parts if p[1] is not None], dim=1) if with_entropy else None
+        return lp, ent
 
     def _values(self, mb: TrainBatch) -> Tensor:
         """(b, T) critic values V(prompt + response[:t]) for every response token t."""
