@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from hpt_dsl import models
 from hpt_dsl.rollout.base import SamplingParams
-from hpt_dsl.rollout.hf import HFRolloutEngine, filter_logits
+from hpt_dsl.rollout.hf import HFRolloutEngine, _compact_order, _sample, _select_rows, filter_logits
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +153,39 @@ def test_sequences_that_stop_early_leave_the_batch_without_disturbing_the_others
             assert len(r.token_ids) == 30 and not set(r.token_ids) & engine.eos_ids
         expected = _forward_logprobs(model, prompts[r.prompt_index], r.token_ids, tau)
         assert torch.allclose(torch.tensor(r.logprobs, dtype=torch.float64), expected, atol=1e-4)
+
+
+def _chi_square(x: torch.Tensor, params: SamplingParams, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token counts over ``draws`` draws of ``_sample`` from the one row ``x``, its chi-square
+    statistic against softmax(filter(x)) over the tokens the filter keeps)."""
+    nxt, lp = _sample(x.expand(draws, -1), params, torch.Generator().manual_seed(0))
+    assert torch.equal(lp, torch.log_softmax(x, -1)[0, nxt])  # the unfiltered log-prob
+    counts = torch.bincount(nxt, minlength=x.shape[-1]).double()
+    expected = torch.softmax(filter_logits(x, params.top_k, params.top_p)[0].double(), -1) * draws
+    kept = expected > 0
+    return counts, (((counts - expected) ** 2)[kept] / expected[kept]).sum()
+
+
+def test_sampler_draws_each_token_with_its_softmax_probability() -> None:
+    """Inverse-CDF sampling: the frequencies of 20000 draws fit softmax(x) (a fixed seed, so the
+    statistic is fixed too); with top-k, the tokens left out, the first and the last among
+    them, never come and the others fit the renormalised probabilities."""
+    x = torch.tensor([[-1.0, 0.5, 2.0, -3.0, 1.0, 0.0, -0.5, -2.0]])
+    _, chi2 = _chi_square(x, SamplingParams(), 20000)
+    assert chi2 < 24.3  # the 99.9% quantile of chi-square with 7 degrees of freedom
+    counts, chi2 = _chi_square(x, SamplingParams(top_k=4), 20000)
+    assert counts[[0, 3, 6, 7]].sum() == 0
+    assert chi2 < 16.3  # 3 degrees of freedom
+
+
+def test_finished_rows_leave_by_moving_the_last_running_rows_into_their_slots() -> None:
+    done = torch.tensor([False, True, False, False, True, False, True, False])
+    order = _compact_order(done)
+    assert order.tolist() == [0, 5, 2, 3, 7]  # rows 1 and 4 finished; rows 5 and 7 take their slots
+    cache = DynamicCache()
+    for layer in range(2):
+        cache.update(torch.randn(8, 2, 5, 4), torch.randn(8, 2, 5, 4), layer)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    _select_rows(cache, order)
+    for layer, (keys, values) in zip(cache.layers, before, strict=True):
+        assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.values, values[order])

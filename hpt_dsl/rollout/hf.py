@@ -8,10 +8,17 @@ unfinished sequence and samples the next one::
     logprobs[t] = log_softmax(logits_t / tau)[token_t]          (recorded before filtering)
     token_t     ~ softmax(filter(logits_t / tau))               (top-k, then top-p; greedy: argmax)
 
-A sequence that samples an end-of-sequence token is finished, and its row is dropped from
-the batch and from the KV cache, so a step only computes the sequences still running
-(``generate`` keeps computing finished ones until the longest is done). Sampling draws from
-a generator seeded with ``params.seed``: the global random state is neither used nor changed.
+Sampling is by inverse CDF, one uniform number per sequence (see ``_sample``), from a
+generator seeded with ``params.seed``: the global random state is neither used nor changed.
+The attention mask of the whole call (prompt padding, then ones) is allocated once and
+each step passes the columns seen so far.
+
+A sequence that samples an end-of-sequence token is finished, and its row leaves the batch
+and the KV cache, so a step only computes the sequences still running (``generate`` keeps
+computing finished ones until the longest is done). To keep that cheap the running rows
+beyond the new batch size move into the rows just freed, and the others stay where they
+are; with a cache of plain ``DynamicLayer`` s (full attention) only those moved rows are
+copied, in place (``_select_rows``).
 
 The engine samples with the learner's own model object, so after an update its weights
 are already current and ``load_weights`` only copies tensors that are not shared.
@@ -25,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicLayer
 
 from hpt_dsl.batch import pad_left
 from hpt_dsl.rollout.base import Rollout, RolloutEngine, SamplingParams
@@ -49,7 +57,14 @@ def filter_logits(x: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def _sample(x: Tensor, params: SamplingParams, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """(next token, its log-prob log_softmax(x)[token]) of each row of ``x`` = logits / tau."""
+    """(next token, its log-prob log_softmax(x)[token]) of each row of ``x`` = logits / tau.
+
+    The token is drawn by inverse CDF: with p the row's (filtered) probabilities and
+    c_i = p_0 + ... + p_i, take u = (1 - r) c_{V-1} for r ~ U[0, 1) and the first i with
+    c_i >= u, so that P(i) = P(c_{i-1} < u <= c_i) = p_i. u lies in (0, c_{V-1}], so i is
+    always a token of nonzero probability. One random number a row instead of
+    ``torch.multinomial``'s V exponentials; c is summed in float64 so that even tiny
+    probabilities keep their share."""
     lp = torch.log_softmax(x, dim=-1)
     if params.greedy:
         nxt = x.argmax(-1)
@@ -58,8 +73,37 @@ def _sample(x: Tensor, params: SamplingParams, gen: torch.Generator) -> tuple[Te
             probs = lp.exp()
         else:
             probs = torch.softmax(filter_logits(x, params.top_k, params.top_p), dim=-1)
-        nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        cdf = probs.double().cumsum(-1)
+        r = torch.rand(x.shape[0], 1, dtype=torch.float64, generator=gen, device=x.device)
+        nxt = torch.searchsorted(cdf, (1 - r) * cdf[:, -1:]).squeeze(1)
     return nxt, lp.gather(1, nxt[:, None]).squeeze(1)
+
+
+def _compact_order(done: Tensor) -> Tensor:
+    """The rows that keep running, as indices into the current batch, ordered so that few
+    move: row i of the new batch (of k rows) is old row i, except where old row i is
+    finished; those slots take, in order, the running rows at k and beyond."""
+    running = torch.nonzero(~done).squeeze(1)
+    k = running.numel()
+    order = torch.arange(k, device=done.device)
+    order[torch.nonzero(done[:k]).squeeze(1)] = running[running >= k]
+    return order
+
+
+def _select_rows(cache: Any, order: Tensor) -> None:
+    """``cache.batch_select_indices(order)``; when every layer is a plain ``DynamicLayer``,
+    done in place by copying only the rows i with ``order[i] != i`` (all reads happen before
+    the writes) and then keeping the first ``len(order)`` rows, a view."""
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.batch_select_indices(order)
+        return
+    moved = torch.nonzero(order != torch.arange(order.numel(), device=order.device)).squeeze(1)
+    source = order[moved]
+    for layer in cache.layers:
+        if layer.get_seq_length() > 0:
+            for kv in (layer.keys, layer.values):
+                kv.index_copy_(0, moved, kv.index_select(0, source))
+            layer.keys, layer.values = layer.keys[: order.numel()], layer.values[: order.numel()]
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -116,9 +160,11 @@ class HFRolloutEngine(RolloutEngine):
             if n > 1 and cache is not None:  # one prefill per prompt, its cache shared by its n samples
                 cache.batch_repeat_interleave(n)
                 logits = logits.repeat_interleave(n, dim=0)
-            mask = mask.repeat_interleave(n, dim=0)
+            width = mask.shape[1]  # the step-t token is column width + t of the mask
+            full_mask = mask.new_ones(B, width + steps)
+            full_mask[:, :width] = mask.repeat_interleave(n, dim=0)
             rows = torch.arange(B, device=device)  # the sequences still running
-            pos = mask.sum(1)  # position of the next token of each row
+            pos = full_mask[:, :width].sum(1)  # position of the next token of each row
             for t in range(steps):
                 assert logits is not None
                 nxt, lp = _sample(logits / tau, params, gen)
@@ -128,23 +174,23 @@ class HFRolloutEngine(RolloutEngine):
                 if bool(done.any()):
                     stopped[rows[done]] = True
                     length[rows[done]] = t + 1
-                    keep = torch.nonzero(~done, as_tuple=False).squeeze(1)
-                    rows, nxt, mask, pos = rows[keep], nxt[keep], mask[keep], pos[keep]
-                    if t + 1 < steps and keep.numel():
-                        cache.batch_select_indices(keep)
+                    order = _compact_order(done)
+                    rows, nxt, full_mask, pos = rows[order], nxt[order], full_mask[order], pos[order]
+                    if t + 1 < steps and order.numel():
+                        _select_rows(cache, order)
                 if t + 1 == steps or rows.numel() == 0:
                     break
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                logits, cache = self._forward(nxt[:, None], mask, pos[:, None], cache)
+                logits, cache = self._forward(nxt[:, None], full_mask[:, : width + t + 1], pos[:, None], cache)
                 pos = pos + 1
         finally:
             self.model.train(was_training)
-        tokens, logprobs, length, stopped = tokens.cpu(), logprobs.cpu(), length.tolist(), stopped.tolist()
+        token_rows, logprob_rows = tokens.tolist(), logprobs.tolist()
+        length, stopped = length.tolist(), stopped.tolist()
         return [
             Rollout(
                 prompt_index=row // n,
-                token_ids=tuple(tokens[row, : length[row]].tolist()),
-                logprobs=tuple(logprobs[row, : length[row]].tolist()),
+                token_ids=tuple(token_rows[row][: length[row]]),
+                logprobs=tuple(logprob_rows[row][: length[row]]),
                 finish_reason="stop" if stopped[row] else "length",
             )
             for row in range(B)
