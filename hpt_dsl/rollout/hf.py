@@ -139,7 +139,7 @@ class HFRolloutEngine(RolloutEngine):
         )
         return out.logits[:, -1].float(), out.past_key_values
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: nothing sampled here is differentiated
     def _generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Rollout]:
         n, steps, tau = params.n, params.max_new_tokens, params.temperature
         device = next(self.model.parameters()).device
