@@ -45,6 +45,7 @@ from hpt_dsl import dist
 from hpt_dsl.batch import TrainBatch, build_train_batch, used_rows
 from hpt_dsl.data import Task, load_task
 from hpt_dsl.data.verify import score_batch
+from hpt_dsl.malloc import keep_freed_memory
 from hpt_dsl.prompting import PromptCache
 from hpt_dsl.recipe import Recipe
 from hpt_dsl.report import Reporter, truncate_metrics
@@ -441,6 +442,7 @@ def train(
     ``plots`` the run's figures are drawn into ``run_dir/plots`` at the end."""
     s = recipe.settings
     started = time.perf_counter()
+    keep_freed_memory()  # one step's memory serves the next (hpt_dsl.malloc)
     main = dist.is_main()
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if not resume and run_dir.exists() and (run_dir / "metrics.jsonl").exists():
