@@ -81,6 +81,8 @@ class Prepared:
     (rollout_logprobs, rollout tokens, cap, number of rollout tokens) to weigh with when
     pi_old is the live policy.
     value_coef: (B,) per-row weight of the critic's token losses.
+    silent_metrics: name -> (B,) the metric shares of the rows that were made silent (see
+    ``LossProgram._silence``): a learner adds them whether or not it forwards those rows.
     """
 
     response_mask: Tensor
@@ -99,6 +101,7 @@ class Prepared:
     tis: Tensor | tuple[Tensor, Tensor, float, float] | None = None
     stats: dict[str, Tensor] = field(default_factory=dict)
     weights: dict[str, Tensor] = field(default_factory=dict)
+    silent_metrics: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -339,6 +342,8 @@ class LossProgram:
             n_critic = (length * critic_rows).sum().clamp(min=1)
             value_coef = critic.coef * critic_rows.to(dtype) / n_critic
 
+        silent = self._silence(coef, advs, toks, mask, length) if old_is_current and live_tis is None else {}
+
         # one synchronisation for every count the metrics mix and every term's liveness
         nonfinite = [k for k in row_metrics if k.endswith("/nonfinite")]
         flags = [(c != 0).any().to(dtype) for c in coef] + [row_metrics[k].sum() for k in nonfinite]
@@ -364,8 +369,53 @@ class LossProgram:
             row_metrics=row_metrics,
             old_logprobs=old, ref_logprobs=ref, old_is_current=old_is_current,
             returns=returns, old_values=vals if returns is not None else None, value_coef=value_coef, tis=tis,
-            stats=stats, weights=weights,
+            stats=stats, weights=weights, silent_metrics=self._mix_silent(silent, shares),
         )  # fmt: skip
+
+    def _silence(
+        self, coef: list[Tensor], advs: list[Tensor], toks: list[Tensor], mask: Tensor, length: Tensor
+    ) -> dict[str, Tensor]:
+        """Rows that cannot move the policy get weight 0 (in place in ``coef`` and ``toks``),
+        so that a learner need not forward them; returns their per-term metric shares.
+
+        Every built-in mask makes J a multiple of A (J = A f(x), min(A f(x), A f(clip(rho))),
+        sg(min(rho, 1 + eps)) A log pi, ...), so a row whose every token has A = 0 (a GRPO
+        group whose rollouts all scored the same) has J = 0 and a zero gradient. With no KL
+        and no entropy bonus in the term, the row's loss is exactly 0 whether forwarded or
+        not. On-policy (pi_old is the live policy: rho = 1 on every token) its metrics are
+        known without a forward pass: no clipped token, a ratio of 1. They are returned, and
+        the row's token weight in the term's metrics becomes 0, so that the metrics are the
+        same whether the row is forwarded or not.
+        """
+        out: dict[str, Tensor] = {}
+        if any(t.spec.entropy for t in self.terms):  # the entropy metric needs every row's forward
+            return out
+        for k, term in enumerate(self.terms):
+            spec = term.spec
+            if spec.kl is not None or spec.adv.name == "gae" or not _builtin(term.mask):
+                continue
+            a = advs[k]
+            zero = (a[:, 0] == 0) if a.shape[1] == 1 else ((a == 0) | ~mask).all(dim=1)
+            zero &= coef[k] != 0
+            coef[k] = torch.where(zero, 0.0, coef[k])
+            share = torch.where(zero, toks[k], 0.0)
+            toks[k] = toks[k] - share
+            if spec.mask.name != "none":
+                out[f"clip_frac/{term.name}"] = torch.zeros_like(share)
+            if spec.denom != "pi_theta":
+                out[f"ratio_mean/{term.name}"] = share * length
+        return out
+
+    def _mix_silent(self, silent: dict[str, Tensor], shares: dict[str, list[float]]) -> dict[str, Tensor]:
+        """The silent rows' per-term metrics and their mix into the overall ones (as ``loss``
+        mixes the forwarded rows' with ``shares``)."""
+        out = dict(silent)
+        for key in ("clip_frac", "ratio_mean"):
+            parts = [s * silent[f"{key}/{t.name}"] for s, t in zip(shares.get(key, []), self.terms, strict=False)
+                     if f"{key}/{t.name}" in silent]  # fmt: skip
+            if parts:
+                out[key] = torch.stack(parts).sum(dim=0)
+        return out
 
     def _shares(self, n_tok: list[float]) -> dict[str, list[float]]:
         """For each overall metric, the weight of each term's value: its share of the active
@@ -616,3 +666,9 @@ def _clean(xs: list[Tensor | None], mask: Tensor, dtype: torch.dtype) -> list[Te
     dirty = torch.stack([(x * pad).any() for x in given]).tolist()  # inf * 0 and NaN * 0 are NaN: dirty
     flags = iter(dirty)
     return [None if x is None else torch.where(mask, x, 0.0) if next(flags) else x for x in xs]
+
+
+def _builtin(mask_fn: Callable[..., Any]) -> bool:
+    """True for the masks of ``hpt_dsl.estimator.mask`` (J a multiple of A); a mask registered
+    by a user may not be."""
+    return getattr(mask_fn, "__module__", "") == "hpt_dsl.estimator.mask"

@@ -99,6 +99,20 @@ class Learner(ABC):
         """Release resources (process groups, memory)."""
 
 
+def add_prepared_metrics(metrics: dict[str, float], prep: Any) -> dict[str, float]:
+    """Complete the summed ``loss`` metrics of an update with what ``prep`` knows of the whole
+    mini-batch: the per-row shares of batch metrics (over every row, used or not), the
+    metric shares of the silent rows (added to the forwarded rows' values of the same name),
+    and a loss of exactly 0 for every term when no row was forwarded."""
+    for k, share in prep.row_metrics.items():
+        metrics[k] = float(share.sum())
+    for k, share in prep.silent_metrics.items():
+        metrics[k] = metrics.get(k, 0.0) + float(share.sum())
+    for name in ("loss", *(f"loss/{term}" for term in prep.weights)):
+        metrics.setdefault(name, 0.0)
+    return metrics
+
+
 def make_learner(recipe: Recipe, model: Any, tokenizer: Any) -> Learner:
     """The learner named by ``recipe.settings.learner.engine``, with a reference model
     only when ``recipe.needs.ref_model`` and a critic only when ``recipe.needs.critic``."""

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from hpt_dsl import dist
 from hpt_dsl.batch import TrainBatch, used_rows
-from hpt_dsl.learner.base import UpdateResult
+from hpt_dsl.learner.base import UpdateResult, add_prepared_metrics
 from hpt_dsl.learner.ds_config import Config, build_config
 from hpt_dsl.learner.torch import TorchLearner
 from hpt_dsl.recipe import Recipe
@@ -222,8 +222,7 @@ class DeepSpeedLearner(TorchLearner):
             self.engine.backward(policy_loss, scale_wrt_gas=False)
             if self.critic_engine is not None and value_loss is not None:
                 self.critic_engine.backward(value_loss, scale_wrt_gas=False)
-        for k, share in prep.row_metrics.items():  # batch shares over every row, used or not
-            metrics[k] = float(share.sum())
+        add_prepared_metrics(metrics, prep)
         metrics["rows_used"] = float(rows.numel())
         metrics = dist.sum_metrics(metrics)
         tokens = int(dist.all_reduce_sum(torch.tensor(float(tokens))).item())
@@ -236,7 +235,7 @@ class DeepSpeedLearner(TorchLearner):
 
     def _empty_update(self, prep: Any, engines: list[Any]) -> UpdateResult:
         """A step without gradients: parameters and optimizer state stay, the schedule advances."""
-        metrics = {k: float(share.sum()) for k, share in prep.row_metrics.items()}
+        metrics = add_prepared_metrics({}, prep)
         metrics["rows_used"] = 0.0
         metrics = dist.sum_metrics(metrics)
         for e in engines:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from hpt_dsl.batch import TrainBatch, used_rows
-from hpt_dsl.learner.base import Learner, UpdateResult
+from hpt_dsl.learner.base import Learner, UpdateResult, add_prepared_metrics
 from hpt_dsl.learner.prefix import distinct_prompts, shared_prompt_logits
 from hpt_dsl.logprob import token_logprobs
 from hpt_dsl.recipe import Recipe
@@ -200,8 +200,7 @@ class TorchLearner(Learner):
             tokens += mb.n_tokens
             for k, v in out.metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v)
-        for k, share in prep.row_metrics.items():  # batch shares over every row, used or not
-            metrics[k] = float(share.sum())
+        add_prepared_metrics(metrics, prep)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.train.grad_clip)
         finite = bool(torch.isfinite(total)) and bool(torch.isfinite(grad_norm))
         if self.critic is not None:
