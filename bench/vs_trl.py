@@ -1,7 +1,7 @@
 """GRPO throughput on a CPU: hpt-dsl's ``recipes/grpo.hpt`` against TRL's ``GRPOTrainer``.
 
     pip install -c constraints.txt -e ".[bench]"      # TRL, pinned
-    python bench/vs_trl.py                            # 2 rounds x 30 steps each, alternating
+    python bench/vs_trl.py                            # 2 rounds x 30 steps per side, rotating
     python bench/vs_trl.py --steps 12 --rounds 3 --threads 2
 
 The same work on both sides:
@@ -19,8 +19,12 @@ The same work on both sides:
   ``loss_type="grpo"``), the same micro-batch (TRL: per-device batch + accumulation);
 * TRL with ``use_cpu=True``, ``use_vllm=False``, no gradient checkpointing, fp32, no hub access.
 
-Rounds alternate the order (hpt-dsl first, then TRL first, ...) so that a load that drifts
-over time (a shared machine) hits both alike. A step's time is from its start (sampling)
+Every framework runs each round in a fresh Python process of its own (as its users run it:
+no allocator state, thread setting or imported module leaks from one framework into the
+other), and rounds rotate the order so that a load that drifts over time (a shared machine)
+hits all alike. hpt-dsl raises glibc's malloc thresholds itself (``hpt_dsl.malloc``); TRL
+runs twice, as shipped and as a third side, "TRL + malloc", with the same thresholds set
+through the environment, so that the ratio against each is on record. A step's time is from its start (sampling)
 to the end of its optimizer step (and, for hpt-dsl, the weight sync to its rollout
 engine); model loading and evaluation are excluded on both sides. Both wall seconds and
 process CPU seconds are recorded per step: with one thread (``--threads 1``, the default,
@@ -31,8 +35,8 @@ Prints a table and writes ``bench/results/vs_trl.json``: steps/s, generated toke
 ratio hpt-dsl / TRL (wall, and per CPU second), the learning check (held-out accuracy,
 avg@4 on 200 test questions sampled identically for every model, of the start model and of
 each framework's trained models: both must improve on the start), the training reward of
-the first and last third of the steps, and hpt-dsl's time split (rollout, reward, log-prob
-passes, update).
+the first and last third of the steps (a framework learned when its reward rose), and
+hpt-dsl's time split (rollout, reward, log-prob passes, update).
 """
 
 from __future__ import annotations
@@ -328,6 +332,55 @@ def run_trl(args: argparse.Namespace, model: Path, seed: int, work: Path, side: 
     side.gen_tokens += [sum(step_tokens[i * calls : (i + 1) * calls]) for i in range(args.steps)]
 
 
+# ----- one side's round, in a process of its own -----------------------------------------------
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+"""The thresholds hpt-dsl sets for itself (``hpt_dsl.malloc``), for the "TRL + malloc" side."""
+
+SIDES = {"hpt-dsl": ("hpt", {}), "TRL": ("trl", {}), "TRL + malloc": ("trl", MALLOC_ENV)}
+
+
+def run_round(args: argparse.Namespace, side: str, seed: int, model: Path) -> dict[str, Any]:
+    """One round of ``side`` in a new Python process; its measured Side as a dict."""
+    import subprocess
+    import sys
+
+    kind, extra = SIDES[side]
+    out = args.work / f"{kind}-{seed}-{len(extra)}.json"
+    cmd = [sys.executable, __file__, "--worker", kind, "--seed", str(seed), "--model", str(model),
+           "--side-out", str(out)] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                                      if k in WORKER_ARGS]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    subprocess.run(cmd, env={**env, **extra}, check=True)
+    return json.loads(out.read_text())
+
+
+WORKER_ARGS = ("steps", "questions", "n", "max_new_tokens", "lr", "micro_batch", "threads", "eval_questions",
+               "eval_k", "work")  # fmt: skip
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    side = Side(args.worker)
+    fn = run_hpt if args.worker == "hpt" else run_trl
+    fn(args, args.model, args.seed, args.work, side)
+    args.side_out.write_text(json.dumps(asdict(side)))
+
+
+def merge(side: Side, part: dict[str, Any]) -> None:
+    """Add one round's measurements to ``side``."""
+    side.step_s += part["step_s"]
+    side.cpu_s += part["cpu_s"]
+    side.gen_tokens += part["gen_tokens"]
+    side.reward += part["reward"]
+    side.held_out += part["held_out"]
+    for k, v in part["split"].items():
+        side.split[k] = side.split.get(k, 0.0) + v
+
+
 # ----- main -----------------------------------------------------------------------------------------
 
 
@@ -335,7 +388,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=30, help="GRPO steps per round and framework")
     p.add_argument(
-        "--rounds", type=int, default=2, help="rounds; each runs both frameworks, order alternating"
+        "--rounds", type=int, default=2, help="rounds; each runs every side once, order rotating"
     )
     p.add_argument("--questions", type=int, default=16, help="questions per step")
     p.add_argument("--n", type=int, default=8, help="rollouts per question (group size)")
@@ -348,7 +401,15 @@ def main() -> None:
     p.add_argument("--eval-k", type=int, default=4, help="samples per test question of the learning check")
     p.add_argument("--work", type=Path, default=RESULTS / "vs_trl-work")
     p.add_argument("--out", type=Path, default=RESULTS / "vs_trl.json")
+    p.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES), help="what to run")
+    p.add_argument("--worker", choices=["hpt", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
 
     import torch
     import transformers
@@ -367,15 +428,16 @@ def main() -> None:
     check_same_prompts(model, arith.make_questions(0)[0])
     before = held_out(model, args)
     print(f"start model: held-out avg@{args.eval_k} {before:.3f}", flush=True)
-    hpt, ref = Side("hpt-dsl"), Side(f"TRL {trl.__version__}")
+    names = {"hpt-dsl": "hpt-dsl", "TRL": f"TRL {trl.__version__}", "TRL + malloc": f"TRL {trl.__version__} + malloc"}
+    sides = {k: Side(names[k]) for k in args.sides}
     for r in range(args.rounds):
-        order = [(run_hpt, hpt), (run_trl, ref)]
-        for fn, side in order if r % 2 == 0 else order[::-1]:
-            print(f"round {r + 1}/{args.rounds}: {side.name} ({args.steps} steps) ...", flush=True)
-            fn(args, model, r, args.work, side)
+        order = list(sides)[r % len(sides) :] + list(sides)[: r % len(sides)]
+        for key in order:
+            print(f"round {r + 1}/{args.rounds}: {sides[key].name} ({args.steps} steps) ...", flush=True)
+            merge(sides[key], run_round(args, key, r, model))
 
     rows = []
-    for side in (hpt, ref):
+    for side in sides.values():
         first, last = side.reward_thirds()
         after = statistics.fmean(side.held_out)
         rows.append(
@@ -390,49 +452,60 @@ def main() -> None:
                 "reward_last_third": last,
                 "held_out_before": before,
                 "held_out_after": after,
-                "learned": after > before,
+                "held_out_up": after > before,
+                "learned": last > first,
             }
         )
-    result = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    result: dict[str, Any] = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                     if k not in ("worker", "seed", "model", "side_out")},  # fmt: skip
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "trl": trl.__version__,
             "python": platform.python_version(),
-            "threads": torch.get_num_threads(),
+            "threads": args.threads or torch.get_num_threads(),
             "cpus": os.cpu_count(),
         },
         "results": rows,
-        "ratio_steps_per_s": hpt.steps_per_s / ref.steps_per_s,
-        "ratio_tokens_per_s": hpt.tokens_per_s / ref.tokens_per_s,
-        "ratio_steps_per_cpu_s": hpt.steps_per_cpu_s / ref.steps_per_cpu_s,
-        "hpt_time_split_s": hpt.split,
-        "raw": {s.name: asdict(s) for s in (hpt, ref)},
     }
+    hpt = sides.get("hpt-dsl")
+    for key, suffix in (("TRL", ""), ("TRL + malloc", "_malloc")):
+        ref = sides.get(key)
+        if hpt is None or ref is None:
+            continue
+        result[f"ratio_steps_per_s{suffix}"] = hpt.steps_per_s / ref.steps_per_s
+        result[f"ratio_tokens_per_s{suffix}"] = hpt.tokens_per_s / ref.tokens_per_s
+        result[f"ratio_steps_per_cpu_s{suffix}"] = hpt.steps_per_cpu_s / ref.steps_per_cpu_s
+    if hpt is not None:
+        result["hpt_time_split_s"] = hpt.split
+    result["raw"] = {side.name: asdict(side) for side in sides.values()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
 
     print()
     print(
-        f"{'framework':<12} {'steps':>5} {'steps/s':>8} {'steps/cpu-s':>11} {'gen tok/s':>9} "
+        f"{'framework':<22} {'steps':>5} {'steps/s':>8} {'steps/cpu-s':>11} {'gen tok/s':>9} "
         f"{'train reward 1st->3rd third':>28} {'held-out before->after':>23}"
     )
     for row in rows:
         reward = f"{row['reward_first_third']:.3f} -> {row['reward_last_third']:.3f}"
         held = f"{row['held_out_before']:.3f} -> {row['held_out_after']:.3f}"
         print(
-            f"{row['framework']:<12} {row['steps']:>5} {row['steps_per_s']:>8.3f} {row['steps_per_cpu_s']:>11.3f} "
+            f"{row['framework']:<22} {row['steps']:>5} {row['steps_per_s']:>8.3f} {row['steps_per_cpu_s']:>11.3f} "
             f"{row['gen_tokens_per_s']:>9.0f} {reward:>28} {held:>23}"
         )
-    total = sum(hpt.split.values())
-    split = ", ".join(f"{k} {v / total:.0%}" for k, v in hpt.split.items())
-    print(
-        f"hpt-dsl / TRL: steps/s x{result['ratio_steps_per_s']:.2f}, generated tokens/s "
-        f"x{result['ratio_tokens_per_s']:.2f}, steps per CPU second x{result['ratio_steps_per_cpu_s']:.2f}"
-    )
-    print(f"hpt-dsl time split: {split}")
-    print(f"both learned (held-out accuracy up): {all(r['learned'] for r in rows)}")
+    for key, suffix in (("TRL", ""), ("TRL + malloc", "_malloc")):
+        if f"ratio_steps_per_s{suffix}" in result:
+            print(
+                f"hpt-dsl / {key}: steps/s x{result[f'ratio_steps_per_s{suffix}']:.2f}, generated tokens/s "
+                f"x{result[f'ratio_tokens_per_s{suffix}']:.2f}, steps per CPU second "
+                f"x{result[f'ratio_steps_per_cpu_s{suffix}']:.2f}"
+            )
+    if hpt is not None:
+        total = sum(hpt.split.values())
+        print("hpt-dsl time split: " + ", ".join(f"{k} {v / total:.0%}" for k, v in hpt.split.items()))
+    print(f"all learned (training reward up from the first to the last third): {all(r['learned'] for r in rows)}")
     print(f"wrote {args.out}")
 
 
