@@ -458,7 +458,7 @@ def main() -> None:
         )
     result: dict[str, Any] = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("worker", "seed", "model", "side_out")},  # fmt: skip
+                     if k not in ("worker", "seed", "model", "side_out", "work", "out")},  # fmt: skip
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
