@@ -338,6 +338,9 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_":
 """The thresholds hpt-dsl sets for itself (``hpt_dsl.malloc``), for the "TRL + malloc" side."""
 
 SIDES = {"hpt-dsl": ("hpt", {}), "TRL": ("trl", {}), "TRL + malloc": ("trl", MALLOC_ENV)}
+WORKER_ARGS = ("steps", "questions", "n", "max_new_tokens", "lr", "micro_batch", "threads", "eval_questions",
+               "eval_k", "work")  # fmt: skip
+"""The settings a side's process is started with."""
 
 
 def run_round(args: argparse.Namespace, side: str, seed: int, model: Path) -> dict[str, Any]:
@@ -353,10 +356,6 @@ def run_round(args: argparse.Namespace, side: str, seed: int, model: Path) -> di
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     subprocess.run(cmd, env={**env, **extra}, check=True)
     return json.loads(out.read_text())
-
-
-WORKER_ARGS = ("steps", "questions", "n", "max_new_tokens", "lr", "micro_batch", "threads", "eval_questions",
-               "eval_k", "work")  # fmt: skip
 
 
 def worker(args: argparse.Namespace) -> None:

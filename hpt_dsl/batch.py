@@ -77,6 +77,19 @@ class TrainBatch:
         )
 
 
+def positions(mask: Tensor) -> Tensor:
+    """Position ids of left-padded rows: 0, 1, ... on the real tokens (padding gets 0, and a
+    right-padding column repeats the last real position)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def model_inputs(mb: TrainBatch, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, position_ids) of the rows' prompt + response."""
+    ids = torch.cat([mb.prompt_ids, mb.response_ids], dim=1).to(device)
+    mask = torch.cat([mb.prompt_mask, (mb.response_mask > 0).long()], dim=1).to(device)
+    return ids, mask, positions(mask)
+
+
 def _to(x: Tensor | None, device: torch.device | str) -> Tensor | None:
     return None if x is None else x.to(device)
 

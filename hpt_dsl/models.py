@@ -139,3 +139,12 @@ def load_local(path: Path, settings: ModelSettings | None = None) -> tuple[Any, 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def plain_cache(cache: Any) -> bool:
+    """True when ``cache`` is a ``DynamicCache`` made only of plain full-attention layers
+    (``DynamicLayer``): no sliding-window, hybrid or recurrent layer."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return isinstance(cache, DynamicCache) and bool(layers) and all(type(x) is DynamicLayer for x in layers)

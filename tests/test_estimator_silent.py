@@ -10,6 +10,7 @@ import torch
 
 from hpt_dsl.batch import used_rows
 from hpt_dsl.estimator import compile_loss
+from hpt_dsl.learner.base import add_prepared_metrics
 from hpt_dsl.recipe import Call, Compare, Const, EstimatorSpec, Gate, Stat, Term
 
 GROUPS, N, T = 6, 4, 7
@@ -43,11 +44,7 @@ def run(program: object, d: dict, rows: torch.Tensor, **prep_kw: object) -> tupl
     lp = d["lp"].clone().requires_grad_(True)
     out = program.loss(prep, logprobs=lp[rows], rows=rows)  # type: ignore[attr-defined]
     out.loss.backward()
-    metrics = {k: float(v) for k, v in out.metrics.items()}
-    for k, share in prep.row_metrics.items():
-        metrics[k] = float(share.sum())
-    for k, share in prep.silent_metrics.items():
-        metrics[k] = metrics.get(k, 0.0) + float(share.sum())
+    metrics = add_prepared_metrics({k: float(v) for k, v in out.metrics.items()}, prep)
     return float(out.loss.detach()), lp.grad, metrics  # type: ignore[return-value]
 
 

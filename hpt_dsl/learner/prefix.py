@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hpt_dsl.batch import TrainBatch
+from hpt_dsl.batch import TrainBatch, model_inputs, positions
+from hpt_dsl.models import plain_cache
 
 
 def distinct_prompts(mb: TrainBatch) -> tuple[Tensor, Tensor] | None:
@@ -48,14 +49,6 @@ def distinct_prompts(mb: TrainBatch) -> tuple[Tensor, Tensor] | None:
     return first, owner
 
 
-def plain_cache(cache: Any) -> bool:
-    """True when ``cache`` is a ``DynamicCache`` made only of plain full-attention layers."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return isinstance(cache, DynamicCache) and bool(layers) and all(type(x) is DynamicLayer for x in layers)
-
-
 def shared_prompt_logits(
     model: Any, mb: TrainBatch, device: torch.device, rows: Tensor, owner: Tensor
 ) -> tuple[Tensor, Tensor] | None:
@@ -64,15 +57,16 @@ def shared_prompt_logits(
     by the rows that ``owner`` maps to it. None when the model's cache is not plain."""
     P, T = mb.prompt_ids.shape[1], mb.response_ids.shape[1]
     p_ids, p_mask = mb.prompt_ids[rows].to(device), mb.prompt_mask[rows].to(device)
-    p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask), use_cache=True, logits_to_keep=1
+    )
     cache = out.past_key_values
     if not plain_cache(cache):
         return None
     owner = owner.to(device)
     cache.batch_select_indices(owner)
-    mask = torch.cat([mb.prompt_mask, (mb.response_mask > 0).long()], dim=1).to(device)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, P:]
+    _, mask, pos = model_inputs(mb, device)
+    pos = pos[:, P:]
     first = out.logits[:, -1:][owner]
     if T == 1:
         return first, first[:, :0]

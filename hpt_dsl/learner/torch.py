@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
-from hpt_dsl.batch import TrainBatch, used_rows
+from hpt_dsl.batch import TrainBatch, model_inputs, used_rows
 from hpt_dsl.learner.base import Learner, UpdateResult, add_prepared_metrics
 from hpt_dsl.learner.prefix import distinct_prompts, shared_prompt_logits
 from hpt_dsl.logprob import token_logprobs
@@ -75,14 +75,6 @@ class ValueModel(nn.Module):
         return self.head(h).squeeze(-1)
 
 
-def _inputs(mb: TrainBatch, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(input_ids, attention_mask, position_ids) of prompt + response rows."""
-    ids = torch.cat([mb.prompt_ids, mb.response_ids], dim=1).to(device)
-    mask = torch.cat([mb.prompt_mask, (mb.response_mask > 0).long()], dim=1).to(device)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    return ids, mask, pos
-
-
 class TorchLearner(Learner):
     """Owns the policy, its AdamW and schedule; the reference model and critic when needed."""
 
@@ -124,7 +116,7 @@ class TorchLearner(Learner):
             if shared is not None and split is None:
                 self.share_prompts = False
             if split is None:
-                ids, mask, pos = _inputs(mb, self.device)
+                ids, mask, pos = model_inputs(mb, self.device)
                 logits = model(
                     input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
                     logits_to_keep=y.shape[1] + 1,
@@ -142,7 +134,7 @@ class TorchLearner(Learner):
     def _values(self, mb: TrainBatch) -> Tensor:
         """(b, T) critic values V(prompt + response[:t]) for every response token t."""
         assert self.critic is not None
-        ids, mask, pos = _inputs(mb, self.device)
+        ids, mask, pos = model_inputs(mb, self.device)
         P = mb.prompt_ids.shape[1]
         T = mb.response_ids.shape[1]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):

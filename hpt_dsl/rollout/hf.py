@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicLayer
 
-from hpt_dsl.batch import pad_left
+from hpt_dsl.batch import pad_left, positions
+from hpt_dsl.models import plain_cache
 from hpt_dsl.rollout.base import Rollout, RolloutEngine, SamplingParams
 from hpt_dsl.settings import Settings
 
@@ -94,7 +94,7 @@ def _select_rows(cache: Any, order: Tensor) -> None:
     """``cache.batch_select_indices(order)``; when every layer is a plain ``DynamicLayer``,
     done in place by copying only the rows i with ``order[i] != i`` (all reads happen before
     the writes) and then keeping the first ``len(order)`` rows, a view."""
-    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+    if not plain_cache(cache):
         cache.batch_select_indices(order)
         return
     moved = torch.nonzero(order != torch.arange(order.numel(), device=order.device)).squeeze(1)
@@ -155,7 +155,7 @@ class HFRolloutEngine(RolloutEngine):
         was_training = self.model.training
         self.model.eval()
         try:
-            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            pos = positions(mask)
             logits, cache = self._forward(ids, mask, pos, None) if steps else (None, None)
             if n > 1 and cache is not None:  # one prefill per prompt, its cache shared by its n samples
                 cache.batch_repeat_interleave(n)
