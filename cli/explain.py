@@ -1,7 +1,8 @@
 """``hpt-dsl explain FILE``: what a recipe computes, in words and formulas.
 
 Prints the loss, the algorithm it matches, the gate as a table, each estimator's
-components with their meaning and its per-token gradient, and what the run needs.
+components with their meaning and its per-token gradient, each term's normaliser, and what
+the run needs.
 Exit codes as ``check``: 1 when the recipe has errors, 2 for usage errors.
 """
 
@@ -74,6 +75,13 @@ def explain_command(
         console.print(Text(f"  aggregated as {f['aggregate']}"))
         if f["regularizers"]:
             console.print(Text(f"  regularizers: {f['regularizers']}"))
+    norms = Table(title="normalisers (how each term's token losses are summed and divided)", title_justify="left")
+    norms.add_column("term")
+    norms.add_column("formula")
+    norms.add_column("in words")
+    for row in info["normalisers"]:
+        norms.add_row(row["term"], row["formula"], row["words"])
+    console.print(norms)
     needs = Table(title="the run needs", title_justify="left")
     needs.add_column("what")
     needs.add_column("needed")

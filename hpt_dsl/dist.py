@@ -236,7 +236,7 @@ def _offset_groups(local: Tensor, gathered: Tensor, rows: list[int]) -> Tensor:
 # Prepared fields: per row (sliced to this rank's rows) or about the whole batch (kept).
 _PER_ROW = {"response_mask", "coef", "adv", "tok", "row_metrics", "old_logprobs", "ref_logprobs", "returns",
             "old_values", "value_coef", "tis", "silent_metrics"}
-_WHOLE_BATCH = {"live", "shares", "old_is_current", "stats", "weights"}
+_WHOLE_BATCH = {"live", "shares", "old_is_current", "stats", "weights", "moments"}
 
 
 def local_rows(prep: Any, rows: slice, width: int) -> Any:

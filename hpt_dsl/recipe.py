@@ -58,6 +58,8 @@ class EstimatorSpec:
     group:   rollouts | rollouts+demos                (rows pooled for group advantages)
     kl:      None | k1(coef) | k2(coef) | k3(coef)    (to the frozen reference model)
     entropy: entropy bonus coefficient (0 = none)
+    ent_weight: None | exp(s, c) | pos_exp(s, c)      (entropy-aware row weight c * sg(exp(s * H_i)),
+             H_i the row's mean token entropy; pos_exp: rows with A > 0 only; SRFT)
     """
 
     mask: Call = Call("none")
@@ -69,6 +71,7 @@ class EstimatorSpec:
     group: Rows = "rollouts"
     kl: Call | None = None
     entropy: float = 0.0
+    ent_weight: Call | None = None
     name: str | None = field(default=None, compare=False)
 
     def components(self) -> str:
@@ -87,6 +90,8 @@ class EstimatorSpec:
             parts.append(f"kl={self.kl}")
         if self.entropy:
             parts.append(f"entropy={_num(self.entropy)}")
+        if self.ent_weight is not None:
+            parts.append(f"ent_weight={self.ent_weight}")
         return " ".join(parts)
 
 
@@ -179,7 +184,31 @@ class Zero:
     """The empty loss (``0`` in a loss position)."""
 
 
-LossExpr = Term | Scale | Sum | Gate | Zero
+@dataclass(frozen=True)
+class Joint:
+    """``joint(L)``: the terms of L share one normaliser. Each term's aggregation counts
+    (N_tok, N_seq) are taken over the union of the rows of every term of L, e.g. LUFFY's
+
+        joint(on + off) = (1 / N_tok(rollouts ∪ demos)) Σ_{i,t} (l^on_{i,t} + l^off_{i,t})
+
+    instead of ``on + off``, where each term divides by its own token count."""
+
+    loss: LossExpr
+
+
+@dataclass(frozen=True)
+class PerQuestion:
+    """``per_question(L)``: L is a per-question loss, averaged over the questions of the
+    optimizer mini-batch (HPT, Eq. 10-13):
+
+        (1/Q) Σ_q L_q,   L_q = L with every aggregation count taken over question q's rows
+
+    so each question weighs 1/Q whichever gate branch it takes."""
+
+    loss: LossExpr
+
+
+LossExpr = Term | Scale | Sum | Gate | Zero | Joint | PerQuestion
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,7 @@ class Trainer:
             for rows in self._mini_batches(batch, step, epoch):
                 sub = batch if rows.numel() == len(batch) else _rows(batch, rows)
                 sub_passes = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in passes.items()}
-                prep = self._prepare(sub, step, **sub_passes)
+                prep = self._prepare(sub, step, step_moments=moments, **sub_passes)
                 res = self.learner.update(sub, self.program, prep)
                 n_updates += 1
                 grad_norms.append(res.grad_norm)
@@ -317,6 +317,14 @@ class Trainer:
 
     # ----- evaluation -----------------------------------------------------------------------
 
+    def _step_moments(self, batch: TrainBatch, step: int, passes: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The whitening moments of the advantages standardised over the whole step (PPO's
+        whitened GAE, REINFORCE++, batch_norm), taken once over the step's rows of every
+        process, so that each optimizer mini-batch whitens with the step's statistics."""
+        if not self.program.step_whitened or self.s.train.mini_batches == 1:
+            return None
+        return self._prepare(batch, step, **passes).moments
+
     def evaluate(self) -> dict[str, Any] | None:
         from hpt_dsl.evaluate import evaluate
 
@@ -340,6 +348,7 @@ class Trainer:
             self.tokenizer,
             self.task.test,
             reward,
+        moments = self._step_moments(batch, step, passes)
             s.train.eval_n,
             params,
             encode=lambda q: self.prompts.prompt(q, "test"),

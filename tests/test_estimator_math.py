@@ -19,7 +19,7 @@ import torch
 from hpt_dsl import load_recipe
 from hpt_dsl.estimator import LossProgram, compile_loss, compile_recipe, compile_spec
 from hpt_dsl.logprob import token_logprobs
-from hpt_dsl.recipe import Call, Compare, Const, EstimatorSpec, Gate, LossExpr, Stat, Sum, Term
+from hpt_dsl.recipe import Call, Compare, Const, EstimatorSpec, Gate, Joint, LossExpr, Stat, Sum, Term
 from hpt_dsl.settings import CriticSettings, Settings
 
 EPS = 1e-6
@@ -80,12 +80,19 @@ STOCK = [
     "gspo",
     "rloo",
     "reinforce_pp",
-    "srft",
+    "srft_offline",
+    "srft_off",
     "luffy",
     "luffy_on",
     "luffy_off",
+    "luffy_code_on",
+    "luffy_code_off",
+    "hpt_rl",
+    "hpt_code_rl",
 ]
-"""every estimator of the language's prelude"""
+"""the prelude's estimators and sums of them; the entropy-weighted (srft, the *_code
+forms with their entropy bonus) and the per-question ones (hpt) have closed forms of their
+own in tests/test_estimator_faithful.py"""
 
 
 def make_batch(
@@ -161,9 +168,18 @@ def ref_advantages(spec: EstimatorSpec, b: dict, active: list[bool]) -> list[lis
         elif name == "batch_norm":
             Bn = [R[j] for j in range(B) if pooled[j] and active[j]]
             a = (R[i] - statistics.mean(Bn)) / (statistics.stdev(Bn) + EPS)
+        elif name == "token_whiten":  # every response token of an active row carries its return R
+            toks = [R[j] for j in range(B) if pooled[j] and active[j] for _ in range(b["lengths"][j])]
+            a = (R[i] - statistics.mean(toks)) / math.sqrt(statistics.variance(toks) + 1e-8)
         elif name == "gae":
-            out.append(ref_gae(R[i], b["values"][i].tolist(), b["lengths"][i], *spec.adv.args)[0] + [0.0] * T)
-            out[-1] = out[-1][:T]
+            gae_rows = [ref_gae(R[j], b["values"][j].tolist(), b["lengths"][j], *spec.adv.args[:2])[0]
+                        for j in range(B)]  # fmt: skip
+            row = gae_rows[i]
+            if len(spec.adv.args) < 3 or spec.adv.args[2]:  # whitened over the active rows' tokens
+                toks = [x for j in range(B) if active[j] for x in gae_rows[j]]
+                mu, sd = statistics.mean(toks), math.sqrt(statistics.variance(toks) + 1e-8)
+                row = [(x - mu) / sd for x in row]
+            out.append((row + [0.0] * T)[:T])
             continue
         else:
             raise AssertionError(name)
@@ -184,36 +200,56 @@ def ref_gae(reward: float, values: list[float], length: int, gamma: float, lam: 
     return adv, [a + v for a, v in zip(adv, values[:length], strict=False)]
 
 
-def ref_agg(spec: EstimatorSpec, lengths: list[int], active: list[bool]) -> list[float]:
-    """Aggregation weight of each token of row i (the same for all its tokens)."""
-    act = [L for L, a in zip(lengths, active, strict=True) if a]
-    n_tok = sum(act)
-    n_seq = sum(1 for L in act if L > 0)
+def ref_agg(
+    spec: EstimatorSpec, lengths: list[int], active: list[bool], scope: list[bool] | None = None,
+    questions: list[int] | None = None,
+) -> list[float]:  # fmt: skip
+    """Aggregation weight of each token of row i (the same for all its tokens). The counts are
+    over ``scope`` (the rows of a joint normaliser; default: the active rows), per question
+    when ``questions`` (the rows' question ids) is given, then divided by the number of
+    questions."""
+    scope = active if scope is None else scope
     out = []
-    for L, a in zip(lengths, active, strict=True):
+    for i, (L, a) in enumerate(zip(lengths, active, strict=True)):
+        inside = [j for j in range(len(lengths)) if scope[j] and (questions is None or questions[j] == questions[i])]
+        n_tok = sum(lengths[j] for j in inside)
+        n_seq = sum(1 for j in inside if lengths[j] > 0)
         if not a or L == 0:
-            out.append(0.0)
+            x = 0.0
         elif spec.agg.name == "token_mean":
-            out.append(1 / n_tok)
+            x = 1 / n_tok
         elif spec.agg.name == "seq_mean_token_mean":
-            out.append(1 / (L * n_seq))
+            x = 1 / (L * n_seq)
         elif spec.agg.name == "seq_mean_token_sum":
-            out.append(1 / n_seq)
+            x = 1 / n_seq
+        elif spec.agg.name == "token_sum":
+            x = 1 / spec.agg.args[0]
         else:
-            out.append(1 / (spec.agg.args[0] * n_seq))
+            x = 1 / (spec.agg.args[0] * n_seq)
+        out.append(x / (len(set(questions)) if questions is not None else 1))
     return out
 
 
-def ref_grad(spec: EstimatorSpec, b: dict, weights: list[float] | None = None) -> torch.Tensor:
+def selected(spec: EstimatorSpec, b: dict, weights: list[float] | None = None) -> list[bool]:
+    """The rows a term is active on: those its ``on`` selects, with a non-zero gate weight."""
+    demo = b["is_demo"].tolist()
+    weights = weights if weights is not None else [1.0] * len(demo)
+    sel = [(spec.on == "rollouts+demos") or (d == (spec.on == "demos")) for d in demo]
+    return [s and w != 0 for s, w in zip(sel, weights, strict=True)]
+
+
+def ref_grad(
+    spec: EstimatorSpec, b: dict, weights: list[float] | None = None, scope: list[bool] | None = None,
+    per_question: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """d loss / d log pi_theta(y_t) = -w_i * agg_i * 1_stable * (pi_theta / pi_ref) * f'(x) * A_hat
-    (+ the KL term), per token; GSPO uses its sequence-level form."""
+    (+ the KL term), per token; GSPO uses its sequence-level form. ``scope`` and
+    ``per_question``: see ``ref_agg``."""
     B, T = b["mask"].shape
     weights = weights if weights is not None else [1.0] * B
-    demo = b["is_demo"].tolist()
-    sel = [(spec.on == "rollouts+demos") or (d == (spec.on == "demos")) for d in demo]
-    active = [s and w != 0 for s, w in zip(sel, weights, strict=True)]
+    active = selected(spec, b, weights)
     adv = ref_advantages(spec, b, active)
-    agg = ref_agg(spec, b["lengths"], active)
+    agg = ref_agg(spec, b["lengths"], active, scope, b["group_ids"].tolist() if per_question else None)
     lp, old, ref = b["lp"].tolist(), b["old"].tolist(), b["ref"].tolist()
     out = torch.zeros(B, T, dtype=torch.float64)
     for i in range(B):
@@ -261,7 +297,9 @@ def ref_grad(spec: EstimatorSpec, b: dict, weights: list[float] | None = None) -
                 g = -c * stable * (pi / pi_ref) * fprime * A
             if spec.kl is not None:
                 d = ref[i][t] - lp[i][t]
-                dk = {"k1": 1.0, "k2": -d, "k3": 1.0 - math.exp(d)}[spec.kl.name]
+                # k3 is clamped as verl's low_var_kl: no gradient where |d| > 20 or k3 > 10
+                k3_live = abs(d) < 20 and math.exp(d) - d - 1 < 10
+                dk = {"k1": 1.0, "k2": -d, "k3": 1.0 - math.exp(d) if k3_live else 0.0}[spec.kl.name]
                 g += c * spec.kl.args[0] * dk
             out[i, t] = g
     return out
@@ -290,7 +328,9 @@ def run(spec_or_loss, b: dict, settings: Settings | None = None):
 
 
 def terms(loss: LossExpr) -> list[EstimatorSpec]:
-    """The estimators of a sum of terms."""
+    """The estimators of a sum of terms (or of one joint normaliser over a sum)."""
+    if isinstance(loss, Joint):
+        return terms(loss.loss)
     if isinstance(loss, Term):
         return [loss.estimator]
     assert isinstance(loss, Sum)
@@ -305,7 +345,10 @@ def test_stock_estimators_of_the_prelude(name: str, seed: int) -> None:
     specs = terms(recipe.loss)
     b = make_batch(seed, noise=2e-4 if name == "gspo" else 0.35)  # GSPO's clip range is +-4e-4
     out, grad = run(compile_recipe(recipe), b)
-    expected = sum(ref_grad(spec, b) for spec in specs)
+    union = None
+    if isinstance(recipe.loss, Joint):  # one normaliser: the counts span every term's rows
+        union = [any(col) for col in zip(*(selected(s, b) for s in specs), strict=True)]
+    expected = sum(ref_grad(spec, b, scope=union) for spec in specs)
     assert torch.isfinite(out.loss) and expected.abs().sum() > 0
     torch.testing.assert_close(grad, expected, rtol=0, atol=1e-6)
 
@@ -396,3 +439,23 @@ def test_soft_gate_gradient() -> None:
     expected = ref_grad(grpo, b, w) + ref_grad(sft, b, [1 - x for x in w])
     _, grad = run(loss, b)
     torch.testing.assert_close(grad, expected, rtol=0, atol=1e-6)
+
+
+def test_hpt_per_question_gradient_is_the_unified_policy_gradient() -> None:
+    """per_question(if acc > 0 then hpt_rl else sft): the closed form with every aggregation
+    count taken within the question, divided by the number of questions."""
+    recipe = load_recipe(text="loss = hpt")
+    rl, sft = recipe.estimators["hpt_rl"], recipe.estimators["sft"]
+    for seed in range(4):
+        b = make_batch(seed, questions=4)
+        b["lengths"][1] = 3  # a rollout of length 0 would not count as one of the question's n
+        b["mask"][1, :3] = True
+        b["old"][1, :3] = b["lp"][1, :3] - 0.1
+        R, gid, demo = b["rewards"].tolist(), b["group_ids"].tolist(), b["is_demo"].tolist()
+        acc = {q: statistics.mean([R[j] for j in range(len(R)) if gid[j] == q and not demo[j]]) for q in set(gid)}
+        to_rl = [1.0 if acc[q] > 0 else 0.0 for q in gid]
+        expected = ref_grad(rl, b, to_rl, per_question=True)
+        expected += ref_grad(sft, b, [1 - w for w in to_rl], per_question=True)
+        _, grad = run(compile_recipe(recipe), b)
+        assert expected.abs().sum() > 0
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-6)

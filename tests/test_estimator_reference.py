@@ -91,8 +91,9 @@ def test_dapo() -> None:
 
 def test_ppo_with_gae_and_value_loss() -> None:
     """One response of 3 tokens, reward 1 at the end, V = (0.5, 0.2, 0.4), gamma 0.9, lambda 0.8:
-    delta = (-0.32, 0.16, 0.6), A = (0.10624, 0.592, 0.6), returns A + V = (0.60624, 0.792, 1.0)."""
-    spec = EstimatorSpec(mask=Call("clip", (0.2, 0.2)), denom="pi_old", adv=Call("gae", (0.9, 0.8)))
+    delta = (-0.32, 0.16, 0.6), A = (0.10624, 0.592, 0.6), returns A + V = (0.60624, 0.792, 1.0)
+    (whitening switched off: gae(0.9, 0.8, 0))."""
+    spec = EstimatorSpec(mask=Call("clip", (0.2, 0.2)), denom="pi_old", adv=Call("gae", (0.9, 0.8, 0.0)))
     settings = Settings(critic=CriticSettings(value_clip=0.2, coef=0.5))
     prog = compile_spec(spec, settings)
     old = torch.full((1, 3), math.log(0.5), dtype=D)

@@ -53,6 +53,8 @@ EXPECTED = {
     "srft": "srft",
     "luffy": "luffy",
     "hpt": "hpt",
+    "hpt_code": "hpt_code",
+    "luffy_code": "luffy_code",
     "hpt_gamma_1_8": "hpt",
     "hpt_gamma_2_8": "hpt",
     "sft_then_grpo": "sft_then_grpo",
@@ -73,9 +75,31 @@ def test_explain_prints_components_formula_gate_and_needs() -> None:
     assert code == 0, out
     assert "algorithm: hpt — Hybrid Post-Training (Lv et al. 2025)" in out
     assert "acc > 0" in out and "otherwise" in out
-    assert "estimator 'grpo' — matches grpo" in out and "estimator 'sft' — matches sft" in out
+    assert "estimator 'hpt_rl' — matches hpt_rl" in out and "estimator 'sft' — matches sft" in out
     assert "∇ℓ_t = 𝟙[Â>0 ⇒ r ≤ 1.2; Â<0 ⇒ r ≥ 0.8] · (1/π_old)" in out
     assert "old logprobs" in out and "critic" in out
+
+
+@pytest.mark.parametrize("name", ["hpt", "hpt_code", "luffy", "luffy_code"])
+def test_explain_prints_each_terms_normaliser(name: str) -> None:
+    """Which tokens each term sums and what it divides by, in words and as a formula."""
+    code, out = run("explain", str(ROOT / "recipes" / f"{name}.hpt"), "--json")
+    assert code == 0, out
+    rows = {r["term"]: r for r in json.loads(out)["normalisers"]}
+    if name == "hpt":
+        assert rows["hpt_rl"]["formula"] == "(1/Q) Σ_q (1/N_seqs(rollouts, q)) Σ_i Σ_t"
+        assert rows["sft"]["formula"] == "(1/Q) Σ_q (1/N_tokens(demos, q)) Σ_i Σ_t"
+        assert "each weighs 1/Q" in rows["sft"]["words"]
+    elif name == "luffy":
+        for term in ("luffy_on", "luffy_off"):
+            assert rows[term]["formula"] == "(1/N_tokens(all)) Σ_i Σ_t"
+            assert "one normaliser shared by luffy_on, luffy_off" in rows[term]["words"]
+    else:
+        rl = "hpt_code_rl" if name == "hpt_code" else "luffy_code_on"
+        assert rows[rl]["formula"] == "(1/L) Σ_i Σ_t, L = 32"
+        assert rows["bonus_rollouts"]["formula"] == "(1/N_tokens(all)) Σ_i Σ_t"
+    code, text = run("explain", str(ROOT / "recipes" / f"{name}.hpt"))
+    assert "normalisers" in text
 
 
 def test_explain_json_lists_needs_and_gate() -> None:
@@ -182,3 +206,24 @@ def test_the_installed_console_script() -> None:
     done = subprocess.run([exe, "check", *RECIPES], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 errors" in done.stdout
+
+
+PAPER = sorted(str(p) for p in (ROOT / "recipes" / "paper").glob("*.hpt"))
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: Path(p).stem)
+def test_the_papers_recipes_check_clean_offline(path: str) -> None:
+    """recipes/paper/: every experiment of the HPT paper, clean (no error, no warning) without a
+    network or a GPU, each saying how to run it."""
+    code, out = run("check", path)
+    assert code == 0, out
+    assert "warning" not in out, out
+    text = Path(path).read_text(encoding="utf-8")
+    assert "deepspeed --num_gpus 8" in text and "hpt-dsl eval" in text
+    assert any(source in text for source in ("Lv et al. 2025", "Yan et al. 2025", "Fu et al. 2025"))
+
+
+def test_the_papers_recipes_cover_every_experiment() -> None:
+    names = {Path(p).stem for p in PAPER}
+    assert {"sft", "grpo", "sft_then_grpo", "luffy", "srft"} <= names
+    assert {"hpt_qwen2.5_math_7b", "hpt_qwen2.5_math_1.5b", "hpt_llama3.1_8b"} <= names

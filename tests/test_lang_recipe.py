@@ -17,6 +17,7 @@ from hpt_dsl.recipe import (
     Const,
     EstimatorSpec,
     Gate,
+    Joint,
     Needs,
     Scale,
     Stat,
@@ -144,10 +145,10 @@ def test_zero_subtraction_and_elif() -> None:
     assert isinstance(rl, Sum) and rl.items[1] == Scale(Const(-1.0), Scale(Const(0.5), rl.items[1].loss.loss))
 
 
-def test_luffy_is_the_sum_of_its_parts() -> None:
+def test_luffy_is_the_sum_of_its_parts_under_one_normaliser() -> None:
     r = load_recipe(text="loss = luffy")
-    assert isinstance(r.loss, Sum)
-    assert [t.estimator.name for t in r.loss.items] == ["luffy_on", "luffy_off"]  # type: ignore[union-attr]
+    assert isinstance(r.loss, Joint) and isinstance(r.loss.loss, Sum)
+    assert [t.estimator.name for t in r.loss.loss.items] == ["luffy_on", "luffy_off"]  # type: ignore[union-attr]
 
 
 def test_same_name_different_estimators_get_distinct_names() -> None:

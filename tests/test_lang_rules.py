@@ -77,7 +77,7 @@ def test_unknown_component_values(text: str, message: str) -> None:
     [
         ("loss = grpo mask=clip(0.1, 0.2, 0.3)", "clip takes 1 or 2 arguments, got 3", 18),
         ("loss = grpo mask=clip", "clip takes 1 or 2 arguments, got 0", 18),
-        ("loss = ppo adv=gae(0.9)", "gae takes 2 arguments, got 1", 16),
+        ("loss = ppo adv=gae(0.9)", "gae takes 2 or 3 arguments, got 1", 16),
         ("loss = grpo kl=k3", "k3 takes 1 argument, got 0", 16),
         (
             "loss = grpo agg=token_sum_norm(1, 2)",

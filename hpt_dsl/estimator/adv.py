@@ -8,6 +8,12 @@ advantage 0 (never NaN). Rows outside G_q (a demonstration when ``group=rollouts
 compared against the same group statistics.
 
 Each function returns (B,) per-row advantages, or (B, T) per-token ones (gae).
+
+Advantages standardised over a batch (batch_norm, token_whiten, and gae unless its whitening
+is switched off) take their moments over the whole step, as the reference implementations
+do (verl whitens the step's whole rollout batch): a function with a ``moments`` attribute
+reads ``inp.moments`` when the loop passes the step's, and computes them from the batch at
+hand otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from hpt_dsl.estimator.registry import register
 
 EPS = 1e-6
 """epsilon added to standard deviations (group_norm, batch_norm)."""
+WHITEN_EPS = 1e-8
+"""epsilon added to the variance when whitening token advantages (verl's masked_whiten)."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,8 @@ class AdvInputs:
     rewards: (B,) R_i;  group: (B,) dense question index in [0, n_groups);
     pooled: (B,) bool, rows in G_q;  active: (B,) bool, rows the term is applied to
     (selected by ``on`` and with non-zero gate weight);  response_mask: (B, T);
-    values: (B, T) critic values or None.
+    values: (B, T) critic values or None;  moments: (2,) [mu, d] the step's whitening moments
+    (A = (x - mu) / d) for the advantages standardised over the step, or None.
     """
 
     rewards: Tensor
@@ -40,6 +49,7 @@ class AdvInputs:
     active: Tensor
     response_mask: Tensor
     values: Tensor | None = None
+    moments: Tensor | None = None
 
 
 def moments(x: Tensor, group: Tensor, n_groups: int, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -89,6 +99,12 @@ def group_mean(inp: AdvInputs) -> Tensor:
     return torch.where(n >= 2, inp.rewards - mu, 0.0)
 
 
+@register("adv", "sign")
+def sign(inp: AdvInputs) -> Tensor:
+    """A_hat_i = +1 if R_i > 0.5 (a correct response) else -1: SRFT's reward of +-1."""
+    return torch.where(inp.rewards > 0.5, 1.0, -1.0).to(inp.rewards.dtype)
+
+
 @register("adv", "rloo")
 def rloo(inp: AdvInputs) -> Tensor:
     """A_hat_i = R_i - (S_q - R_i) / (n_q - 1) for i in G_q (leave-one-out mean of the others),
@@ -100,16 +116,65 @@ def rloo(inp: AdvInputs) -> Tensor:
     return torch.where(n >= 2, adv, 0.0)
 
 
-@register("adv", "batch_norm")
-def batch_norm(inp: AdvInputs) -> Tensor:
-    """A_hat_i = (R_i - mu_B) / (sigma_B + eps) over the batch B of pooled rows the term is
-    active on (REINFORCE++ whitening; unbiased sigma). Fewer than 2 such rows: 0."""
+def _batch_norm_moments(inp: AdvInputs) -> Tensor:
+    """[mu_B, sigma_B + eps] of R over the pooled rows the term is active on (unbiased sigma);
+    [0, inf] with fewer than 2 such rows (every advantage 0)."""
     w = (inp.pooled & inp.active).to(inp.rewards.dtype)
     n = w.sum()
     mu = (w * inp.rewards).sum() / n.clamp(min=1)
     sigma = ((inp.rewards - mu) ** 2 * w).sum().div((n - 1).clamp(min=1)).sqrt()
-    adv = (inp.rewards - mu) / (sigma + EPS)
-    return adv if n >= 2 else torch.zeros_like(adv)
+    return torch.where(n >= 2, torch.stack([mu, sigma + EPS]), torch.stack([mu * 0, mu * 0 + torch.inf]))
+
+
+@register("adv", "batch_norm")
+def batch_norm(inp: AdvInputs) -> Tensor:
+    """A_hat_i = (R_i - mu_B) / (sigma_B + eps) over the rows B of the step that are pooled and
+    that the term is active on (unbiased sigma). Fewer than 2 such rows: 0."""
+    m = inp.moments if inp.moments is not None else _batch_norm_moments(inp)
+    return (inp.rewards - m[0]) / m[1]
+
+
+batch_norm.moments = lambda inp: _batch_norm_moments(inp)  # type: ignore[attr-defined]
+
+
+def token_moments(x: Tensor, mask: Tensor) -> Tensor:
+    """[mu, sqrt(var + 1e-8)] of x over the tokens where mask holds, var unbiased (verl's
+    masked_whiten); [0, inf] with fewer than 2 tokens."""
+    m = mask.to(x.dtype)
+    n = m.sum()
+    mu = (x * m).sum() / n.clamp(min=1)
+    var = (((x - mu) ** 2) * m).sum() / (n - 1).clamp(min=1)
+    return torch.where(n >= 2, torch.stack([mu, (var + WHITEN_EPS).sqrt()]), torch.stack([mu * 0, mu * 0 + torch.inf]))
+
+
+def _token_whiten_moments(inp: AdvInputs) -> Tensor:
+    rows = (inp.pooled & inp.active)[:, None] & inp.response_mask.bool()
+    return token_moments(inp.rewards[:, None].expand(rows.shape), rows)
+
+
+@register("adv", "token_whiten")
+def token_whiten(inp: AdvInputs) -> Tensor:
+    """A_hat_i = (G_i - mu) / sqrt(var + 1e-8): the token returns with gamma = 1 (G_{i,t} = R_i
+    on every response token, the reward being on the last one) whitened over every response
+    token of the step's active rows, var unbiased (REINFORCE++ as verl computes it). A row's
+    tokens share one value, so the mean and variance weigh each row by its length."""
+    m = inp.moments if inp.moments is not None else _token_whiten_moments(inp)
+    return (inp.rewards - m[0]) / m[1]
+
+
+token_whiten.moments = lambda inp: _token_whiten_moments(inp)  # type: ignore[attr-defined]
+
+
+def gae_whitens(args: tuple[float, ...]) -> bool:
+    """gae(gamma, lambda) whitens; gae(gamma, lambda, 0) does not."""
+    return len(args) < 3 or args[2] != 0
+
+
+def whiten_tokens(adv: Tensor, mask: Tensor, moments: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(A - mu) / sqrt(var + 1e-8) over the tokens where mask holds, 0 elsewhere, and the
+    moments used ([mu, sqrt(var + 1e-8)], from ``moments`` when given)."""
+    m = moments if moments is not None else token_moments(adv, mask)
+    return torch.where(mask, (adv - m[0]) / m[1], 0.0), m
 
 
 def token_rewards(rewards: Tensor, response_mask: Tensor) -> Tensor:
@@ -150,8 +215,12 @@ def gae_returns(
 
 
 @register("adv", "gae")
-def gae(inp: AdvInputs, gamma: float, lam: float) -> Tensor:
-    """A_hat_t = GAE(gamma, lambda) over the critic's values (see ``gae_returns``); (B, T)."""
+def gae(inp: AdvInputs, gamma: float, lam: float, whiten: float = 1.0) -> Tensor:
+    """A_hat_t = GAE(gamma, lambda) over the critic's values (see ``gae_returns``), whitened
+    over the active response tokens of the step (``whiten_tokens``) unless whiten = 0; (B, T)."""
     if inp.values is None:
         raise ValueError("adv=gae needs `values` (the critic's values of the response tokens, shape (B, T))")
-    return gae_returns(inp.rewards, inp.values, inp.response_mask, gamma, lam)[0]
+    adv = gae_returns(inp.rewards, inp.values, inp.response_mask, gamma, lam)[0]
+    if not gae_whitens((gamma, lam, whiten)):
+        return adv
+    return whiten_tokens(adv, inp.response_mask.bool() & inp.active[:, None], inp.moments)[0]

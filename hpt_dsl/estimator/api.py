@@ -9,7 +9,7 @@ out.loss.backward(); out.metrics
 from __future__ import annotations
 
 from hpt_dsl.estimator.compile import LossProgram, compile_loss, compile_recipe, compile_spec
-from hpt_dsl.recipe import EstimatorSpec, Gate, Recipe, Scale, Sum, Term, Zero
+from hpt_dsl.recipe import EstimatorSpec, Gate, Joint, PerQuestion, Recipe, Scale, Sum, Term, Zero
 
 
 def compile_estimator(source: object) -> LossProgram:
@@ -23,7 +23,7 @@ def compile_estimator(source: object) -> LossProgram:
         return compile_recipe(source)
     if isinstance(source, EstimatorSpec):
         return compile_spec(source)
-    if isinstance(source, (Term, Scale, Sum, Gate, Zero)):
+    if isinstance(source, (Term, Scale, Sum, Gate, Zero, Joint, PerQuestion)):
         return compile_loss(source)
     if isinstance(source, str):
         from hpt_dsl.lang import load_recipe  # type: ignore[attr-defined]

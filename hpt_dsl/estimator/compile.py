@@ -65,7 +65,7 @@ def derive_needs(specs: list[EstimatorSpec]) -> Needs:
         old_logprobs=any(s.denom in ("pi_old", "pi_old_seq") or s.mask.name == "seq_clip" for s in specs),
         ref_model=any(s.kl is not None for s in specs),
         critic=any(s.adv.name == "gae" for s in specs),
-        entropy=any(bool(s.entropy) for s in specs),
+        entropy=any(bool(s.entropy) or s.ent_weight is not None for s in specs),
     )
 
 
@@ -75,7 +75,7 @@ def compile_loss(loss: LossExpr, settings: Settings | None = None, needs: Needs 
     pairs, branches = flatten(loss)
     terms: list[CompiledTerm] = []
     seen: set[str] = set()
-    for k, (spec, weight) in enumerate(merged(pairs)):
+    for k, (spec, weight, scope) in enumerate(merged(pairs)):
         name = spec.name or f"term{k}"
         while name in seen:
             name = f"{name}#{k}"
@@ -86,6 +86,7 @@ def compile_loss(loss: LossExpr, settings: Settings | None = None, needs: Needs 
                 name=name,
                 spec=spec,
                 weight=weight,
+                scope=scope,
                 denom=lookup("denom", spec.denom),
                 mask=lookup("mask", spec.mask.name),
                 shape=lookup("grad", spec.grad.name)(*spec.grad.args),

@@ -13,6 +13,10 @@ statistics (acc, solved, reward_mean, reward_std, n) and the global step:
 
 Pairs with the same estimator are merged by adding their weights, so ``if c then grpo
 else grpo`` is exactly ``grpo``. Every row takes the weight of its question.
+
+Each pair also carries its normaliser's ``Scope``: ``joint(L)`` puts the terms of L in one
+normaliser group, ``per_question(L)`` takes their counts per question and weighs each
+question 1/Q. Only pairs of equal estimator and scope merge.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from hpt_dsl.recipe import (
     Const,
     EstimatorSpec,
     Gate,
+    Joint,
     LossExpr,
     Neg,
     Not,
+    PerQuestion,
     Scalar,
     Scale,
     Stat,
@@ -98,26 +104,60 @@ def _one(stats: Stats) -> Tensor:
     return torch.ones_like(stats["n"])
 
 
-Pairs = list[tuple[EstimatorSpec, WeightFn]]
+@dataclass(frozen=True)
+class Scope:
+    """Over which rows a term's aggregation counts (N_tok, N_seq) are taken.
 
-
-def flatten(loss: LossExpr, path: WeightFn = _one) -> tuple[Pairs, list[Branch]]:
-    """(estimator, weight) pairs of a loss tree, and every gate branch (for metrics).
-
-    ``path`` is the indicator of the gate branches above this node.
+    joint:        the ``joint(...)`` group the term belongs to: its counts are over the union
+                  of the rows of the group's terms (None: over the term's own rows);
+    per_question: counts per question, and the term's weight times 1/Q (``per_question(...)``).
     """
+
+    joint: int | None = None
+    per_question: bool = False
+
+
+Pairs = list[tuple[EstimatorSpec, WeightFn, Scope]]
+
+
+def flatten(loss: LossExpr, path: WeightFn = _one, scope: Scope = Scope()) -> tuple[Pairs, list[Branch]]:
+    """(estimator, weight, scope) triples of a loss tree, and every gate branch (for metrics).
+
+    ``path`` is the indicator of the gate branches above this node, ``scope`` the normaliser
+    scope set by the ``joint`` / ``per_question`` around it. A ``joint`` inside another joins
+    the outer group; a joint group must not mix per-question and mini-batch terms.
+    """
+    counter = [0]
+    pairs, branches = _flatten(loss, path, scope, counter)
+    flags: dict[int, set[bool]] = {}
+    for _, _, sc in pairs:
+        if sc.joint is not None:
+            flags.setdefault(sc.joint, set()).add(sc.per_question)
+    if any(len(f) > 1 for f in flags.values()):
+        raise ValueError("a joint(...) normaliser cannot mix per_question terms with mini-batch terms")
+    return pairs, branches
+
+
+def _flatten(loss: LossExpr, path: WeightFn, scope: Scope, counter: list[int]) -> tuple[Pairs, list[Branch]]:
     if isinstance(loss, Zero):
         return [], []
     if isinstance(loss, Term):
-        return [(loss.estimator, path)], []
+        return [(loss.estimator, path, scope)], []
+    if isinstance(loss, Joint):
+        if scope.joint is None:
+            counter[0] += 1
+            scope = Scope(counter[0], scope.per_question)
+        return _flatten(loss.loss, path, scope, counter)
+    if isinstance(loss, PerQuestion):
+        return _flatten(loss.loss, path, Scope(scope.joint, True), counter)
     if isinstance(loss, Scale):
-        terms, branches = flatten(loss.loss, path)
+        terms, branches = _flatten(loss.loss, path, scope, counter)
         coef = loss.coef
-        return [(e, _times(coef, w)) for e, w in terms], branches
+        return [(e, _times(coef, w), sc) for e, w, sc in terms], branches
     if isinstance(loss, Sum):
         terms, branches = [], []
         for item in loss.items:
-            t, b = flatten(item, path)
+            t, b = _flatten(item, path, scope, counter)
             terms += t
             branches += b
         return terms, branches
@@ -128,7 +168,7 @@ def flatten(loss: LossExpr, path: WeightFn = _one) -> tuple[Pairs, list[Branch]]
         arms.append((_taken(conds, None, path), loss.orelse, "else"))
         for taken, body, label in arms:
             branches.append(Branch(label, taken))
-            t, b = flatten(body, taken)
+            t, b = _flatten(body, taken, scope, counter)
             terms += t
             branches += b
         return terms, branches
@@ -153,17 +193,18 @@ def _taken(before: list[Cond], this: Cond | None, path: WeightFn) -> WeightFn:
     return fn
 
 
-def merged(terms: list[tuple[EstimatorSpec, WeightFn]]) -> list[tuple[EstimatorSpec, WeightFn]]:
-    """Merge pairs with equal estimators by adding their weights (first occurrence keeps the name)."""
-    out: list[tuple[EstimatorSpec, list[WeightFn]]] = []
-    for spec, w in terms:
-        for kept, ws in out:
-            if kept == spec:
+def merged(terms: Pairs) -> Pairs:
+    """Merge triples with equal estimators and scopes by adding their weights (first
+    occurrence keeps the name)."""
+    out: list[tuple[EstimatorSpec, list[WeightFn], Scope]] = []
+    for spec, w, scope in terms:
+        for kept, ws, sc in out:
+            if kept == spec and sc == scope:
                 ws.append(w)
                 break
         else:
-            out.append((spec, [w]))
-    return [(spec, ws[0] if len(ws) == 1 else _sum(ws)) for spec, ws in out]
+            out.append((spec, [w], scope))
+    return [(spec, ws[0] if len(ws) == 1 else _sum(ws), sc) for spec, ws, sc in out]
 
 
 def _sum(ws: list[WeightFn]) -> WeightFn:

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from hpt_dsl.estimator import regularize
-from hpt_dsl.estimator.adv import AdvInputs, gae_returns
+from hpt_dsl.estimator.adv import AdvInputs, gae_returns, gae_whitens, whiten_tokens
 from hpt_dsl.estimator.denom import TokenInputs
-from hpt_dsl.estimator.gate import Branch, WeightFn
+from hpt_dsl.estimator.gate import Branch, Scope, WeightFn
 from hpt_dsl.estimator.stats import question_stats
 from hpt_dsl.recipe import EstimatorSpec, Needs
 from hpt_dsl.settings import CriticSettings, Settings
@@ -42,6 +42,7 @@ class CompiledTerm:
     name: str
     spec: EstimatorSpec
     weight: WeightFn
+    scope: Scope
     denom: Callable[..., Any]
     mask: Callable[..., Any]
     shape: Callable[[Tensor], Tensor]
@@ -60,6 +61,10 @@ class CompiledTerm:
             with torch.no_grad():
                 lik = self.denom(t)
         obj, clipped = self.mask(t, lik, self.shape, *self.spec.mask.args)
+        if self.spec.ent_weight is not None:
+            if entropy is None:
+                raise ValueError("ent_weight needs `entropy` (per-token entropy (b, T))")
+            obj = obj * regularize.entropy_weight(self.spec.ent_weight, entropy, t.mf, t.length, t.adv)
         kl = None
         if self.kl is not None and self.spec.kl is not None and ref is not None:
             kl = self.kl(regularize.log_ratio(t.lp, ref, t.mask))
@@ -83,6 +88,8 @@ class Prepared:
     value_coef: (B,) per-row weight of the critic's token losses.
     silent_metrics: name -> (B,) the metric shares of the rows that were made silent (see
     ``LossProgram._silence``): a learner adds them whether or not it forwards those rows.
+    moments: term name -> (2,) [mu, d], the whitening moments its advantage used
+    (A = (x - mu) / d), for the terms whose advantage is standardised over the step.
     """
 
     response_mask: Tensor
@@ -102,6 +109,7 @@ class Prepared:
     stats: dict[str, Tensor] = field(default_factory=dict)
     weights: dict[str, Tensor] = field(default_factory=dict)
     silent_metrics: dict[str, Tensor] = field(default_factory=dict)
+    moments: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -138,6 +146,9 @@ class LossProgram:
         self.settings = settings
         self.needs = needs
         self.stats_used = stats_used
+        self.per_question = any(t.scope.per_question for t in terms)
+        self.step_whitened = [t.name for t in terms if _step_whitened(t.spec)]
+        """Terms whose advantages are standardised over the whole step (see ``prepare``)."""
         self.const_weights: list[float] | None = None
         self.const_branches: list[bool] | None = None
         if not stats_used:  # no weight reads a statistic: evaluate every weight once, here
@@ -158,7 +169,7 @@ class LossProgram:
         per_question = bool(self.stats_used - {"step"})
         if per_question or any(s.adv.name != "const" for s in specs):
             need["rewards"] = "one scalar reward per row, shape (B,)"
-        if per_question or any(s.adv.name in GROUP_ADVS for s in specs):
+        if per_question or self.per_question or any(s.adv.name in GROUP_ADVS for s in specs):
             need["group_ids"] = "the integer question id of each row, shape (B,)"
         if any(s.on != "rollouts" or s.group != "rollouts" for s in specs):
             need["is_demo"] = "True on demonstration rows, shape (B,)"
@@ -185,12 +196,19 @@ class LossProgram:
         rollout_logprobs: Tensor | None = None,
         step: int = 0,
         old_is_current: bool = False,
+        step_moments: dict[str, Tensor] | None = None,
     ) -> Prepared:
         """Everything that needs the whole optimizer mini-batch, computed once, without gradient.
 
         ``old_is_current=True`` says pi_old is the policy being trained (on-policy data, one
         update epoch): each micro-batch's detached ``logprobs`` then serve as pi_old and
         ``old_logprobs`` need not be passed.
+
+        ``step_moments``: the whitening moments of the advantages that are standardised over
+        the whole step (``adv=batch_norm``, ``token_whiten``, whitened ``gae``), as the
+        ``moments`` of a prepare over the whole step. When a step is split into several
+        optimizer mini-batches, pass them to each mini-batch's prepare, so that every
+        mini-batch whitens with the step's statistics; None: this batch is the step.
         """
         need = self.required_inputs()
         if old_is_current:
@@ -217,7 +235,7 @@ class LossProgram:
         with torch.no_grad():
             return self._prepare(
                 response_mask, rewards, group_ids, is_demo, old_logprobs, ref_logprobs, values,
-                rollout_logprobs, step, old_is_current,
+                rollout_logprobs, step, old_is_current, step_moments,
             )  # fmt: skip
 
     def _prepare(
@@ -232,6 +250,7 @@ class LossProgram:
         rollout_logprobs: Tensor | None,
         step: int,
         old_is_current: bool,
+        step_moments: dict[str, Tensor] | None,
     ) -> Prepared:
         B = response_mask.shape[0]
         device = response_mask.device
@@ -259,7 +278,8 @@ class LossProgram:
 
         # questions: a dense index, their statistics, and each row's share of "all questions"
         gated = self.const_weights is None
-        if group_ids is not None and (gated or any(s.adv.name in GROUP_ADVS for s in specs)):
+        per_question = any(t.scope.per_question for t in self.terms)
+        if group_ids is not None and (gated or per_question or any(s.adv.name in GROUP_ADVS for s in specs)):
             uniq, group = torch.unique(group_ids.to(device), return_inverse=True)
             n_groups = int(uniq.numel())
         else:
@@ -274,7 +294,8 @@ class LossProgram:
             stats = {}
             share = torch.full((B,), 1.0 / max(B, 1), dtype=dtype, device=device)
 
-        coef, advs, toks, counts, row_metrics, weights = [], [], [], [], {}, {}
+        advs, toks, counts, row_metrics, weights, actives, ws = [], [], [], {}, {}, [], []
+        moments: dict[str, Tensor] = {}
         returns, critic_rows = None, torch.zeros(B, dtype=torch.bool, device=device)
         for k, term in enumerate(self.terms):
             spec = term.spec
@@ -291,20 +312,25 @@ class LossProgram:
                 row_metrics[f"gate/{term.name}"] = share * (wq != 0)[group]
             else:
                 w = self.const_weights[k]
-                wq = torch.tensor(w, dtype=dtype)
+                wq = torch.tensor(w, dtype=dtype, device=device)
                 active = selected if w != 0 else torch.zeros_like(selected)
                 row_metrics[f"gate/{term.name}"] = share if w != 0 else torch.zeros_like(share)
             weights[term.name] = wq
+            given = None if step_moments is None else step_moments.get(term.name)
             if spec.adv.name == "gae":  # its returns train the critic: one pass gives both
-                a_hat, ret = gae_returns(R, vals, mask, *spec.adv.args)  # type: ignore[arg-type]
+                a_hat, ret = gae_returns(R, vals, mask, *spec.adv.args[:2])  # type: ignore[arg-type]
                 returns = ret if returns is None else returns
                 critic_rows |= selected
+                if gae_whitens(spec.adv.args):
+                    a_hat, moments[term.name] = whiten_tokens(a_hat, mask & active[:, None], given)
             else:
-                inp = AdvInputs(R, group, n_groups, _rows(spec.group, demo), active, mask, vals)
+                inp = AdvInputs(R, group, n_groups, _rows(spec.group, demo), active, mask, vals, given)
                 a_hat = term.adv(inp, *spec.adv.args).to(dtype)
+                if hasattr(term.adv, "moments"):
+                    moments[term.name] = given if given is not None else term.adv.moments(inp, *spec.adv.args)
             L = length * active
-            a = term.agg(L, *spec.agg.args) * (L > 0)
-            coef.append(a if isinstance(w, float) and w == 1.0 else w * a)
+            actives.append(active)
+            ws.append(w)
             tok = active.to(dtype) / L.sum().clamp(min=1)
             toks.append(tok)
             counts.append(L.sum())
@@ -314,6 +340,7 @@ class LossProgram:
                 row_metrics[f"adv_mean/{term.name}"] = tok * a_hat * length
                 a_hat = a_hat[:, None]
             advs.append(a_hat)
+        coef = self._aggregate(actives, ws, length, group, n_groups)
         for j, br in enumerate(self.branches):
             if self.const_branches is None:
                 row_metrics[f"branch/{br.label}"] = share * (br.taken(stats) != 0)[group]
@@ -369,8 +396,36 @@ class LossProgram:
             row_metrics=row_metrics,
             old_logprobs=old, ref_logprobs=ref, old_is_current=old_is_current,
             returns=returns, old_values=vals if returns is not None else None, value_coef=value_coef, tis=tis,
-            stats=stats, weights=weights, silent_metrics=self._mix_silent(silent, shares),
+            stats=stats, weights=weights, silent_metrics=self._mix_silent(silent, shares), moments=moments,
         )  # fmt: skip
+
+    def _aggregate(
+        self, actives: list[Tensor], ws: list[Tensor | float], length: Tensor, group: Tensor, n_groups: int
+    ) -> list[Tensor]:
+        """Each term's per-row token weight c_i = w_i * a_i (agg.py), with the counts N_tok and
+        N_seq of row i's scope S(i): the term's own active rows of the mini-batch, or the union
+        of the active rows of its ``joint`` group; per question (and a_i / Q) under
+        ``per_question``, Q the number of questions in the mini-batch."""
+        union: dict[int, Tensor] = {}
+        for term, active in zip(self.terms, actives, strict=True):
+            j = term.scope.joint
+            if j is not None:
+                union[j] = active if j not in union else union[j] | active
+        coef = []
+        for term, active, w in zip(self.terms, actives, ws, strict=True):
+            L = length * active
+            scoped = length * (active if term.scope.joint is None else union[term.scope.joint])
+            if term.scope.per_question:
+                zeros = torch.zeros(n_groups, dtype=length.dtype, device=length.device)
+                n_tok = zeros.index_add(0, group, scoped)[group]
+                n_seq = zeros.index_add(0, group, (scoped > 0).to(length.dtype))[group]
+            else:
+                n_tok, n_seq = scoped.sum(), (scoped > 0).sum().to(length.dtype)
+            a = term.agg(L, n_tok, n_seq, *term.spec.agg.args) * (L > 0)
+            if term.scope.per_question:
+                a = a / max(n_groups, 1)
+            coef.append(a if isinstance(w, float) and w == 1.0 else w * a)
+        return coef
 
     def _silence(
         self, coef: list[Tensor], advs: list[Tensor], toks: list[Tensor], mask: Tensor, length: Tensor
@@ -388,7 +443,7 @@ class LossProgram:
         same whether the row is forwarded or not.
         """
         out: dict[str, Tensor] = {}
-        if any(t.spec.entropy for t in self.terms):  # the entropy metric needs every row's forward
+        if any(t.spec.entropy or t.spec.ent_weight is not None for t in self.terms):  # entropy needs every row
             return out
         for k, term in enumerate(self.terms):
             spec = term.spec
@@ -461,8 +516,11 @@ class LossProgram:
             if bool(mask[:, width:].any()):
                 raise ValueError(f"logprobs has {width} columns; these rows have response tokens beyond them")
             mask = mask[:, :width]
-        if entropy is None and any(t.spec.entropy for t in self.terms):
-            raise ValueError("this estimator has an entropy bonus: pass `entropy` (per-token entropy (b, T))")
+        if entropy is None and any(t.spec.entropy or t.spec.ent_weight is not None for t in self.terms):
+            raise ValueError(
+                "this estimator has an entropy bonus or an entropy-aware weight: pass `entropy` "
+                "(per-token entropy (b, T))"
+            )
         lp, dt = logprobs, logprobs.dtype
 
         cut = width < prep.response_mask.shape[1]
@@ -672,3 +730,10 @@ def _builtin(mask_fn: Callable[..., Any]) -> bool:
     """True for the masks of ``hpt_dsl.estimator.mask`` (J a multiple of A); a mask registered
     by a user may not be."""
     return getattr(mask_fn, "__module__", "") == "hpt_dsl.estimator.mask"
+
+
+def _step_whitened(spec: EstimatorSpec) -> bool:
+    """True when the estimator's advantage is standardised over the whole step."""
+    if spec.adv.name == "gae":
+        return gae_whitens(spec.adv.args)
+    return spec.adv.name in ("batch_norm", "token_whiten")

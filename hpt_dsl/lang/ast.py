@@ -118,7 +118,17 @@ class If:
     pos: Pos
 
 
-Expr = Number | Ref | Components | Unary | Chain | Compare | BoolOp | Not | If
+@dataclass(frozen=True)
+class Apply:
+    """``joint(a + b)``, ``per_question(L)``: a loss function applied to its arguments."""
+
+    name: str
+    args: tuple[Expr, ...]
+    pos: Pos
+    name_pos: Pos
+
+
+Expr = Number | Ref | Components | Unary | Chain | Compare | BoolOp | Not | If | Apply
 
 
 # ----- settings values ---------------------------------------------------------------------

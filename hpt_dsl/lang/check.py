@@ -34,9 +34,11 @@ from hpt_dsl.recipe import (
     Const,
     EstimatorSpec,
     Gate,
+    Joint,
     LossExpr,
     Neg,
     Not,
+    PerQuestion,
     Scalar,
     Scale,
     Stat,
@@ -92,6 +94,9 @@ Value = Num | Scal | CondV | EstV | LossV | _Bad
 class Binding:
     value: Value
     pos: ast.Pos
+    node: ast.Expr | None = None
+    """The defining expression, kept for the prelude's losses: they are evaluated again where a
+    recipe uses them, so that they see the recipe's constants (``--set gamma=0.25``)."""
 
 
 @dataclass
@@ -117,6 +122,7 @@ class Checker:
     ) -> None:
         self.sink = sink
         self.scope = dict(scope)
+        self.prelude = dict(scope)
         self.settings = settings
         self.overrides = dict(const_overrides or {})
         self.set_sink = set_sink
@@ -188,7 +194,7 @@ class Checker:
             if isinstance(value, EstV):
                 value = EstV(value.parts, let.name, value.site)
                 self.term(value)  # check it even if the loss never uses it
-            self.scope[let.name] = Binding(value, let.name_pos)
+            self.scope[let.name] = Binding(value, let.name_pos, let.value)
             self.pending.pop(let.name, None)
             self.user_lets.append(let.name)
 
@@ -267,7 +273,7 @@ class Checker:
                 # a prelude estimator is reported where it is used; a user's where it is defined
                 return EstV(v.parts, v.name, node.pos) if b.pos.src == PRELUDE else v
             if isinstance(v, LossV) and b.pos.src == PRELUDE and self.settings is not None:
-                return LossV(self._recheck(v.loss, node.pos))
+                return LossV(self._recheck(self._in_recipe_constants(b).loss, node.pos))
             return v
         if name in STATS:
             return Scal(Stat(name))
@@ -281,6 +287,20 @@ class Checker:
             return BAD
         self.sink.error("E011", f"unknown name '{name}'", node.pos, hint=self._name_hint(name))
         return BAD
+
+    def _in_recipe_constants(self, b: Binding) -> LossV:
+        """A prelude loss evaluated again with the recipe's constants (its own `let gamma = ...`
+        or ``--set gamma=...``) in place of the prelude's; the prelude's value if that fails."""
+        consts = {k: v for k, v in self.scope.items() if isinstance(v.value, Num) and k in self.prelude}
+        if b.node is None or all(self.prelude[k].value == v.value for k, v in consts.items()):
+            return b.value  # type: ignore[return-value]
+        saved = self.scope, self.sink, self.gates
+        self.scope, self.sink, self.gates = {**self.prelude, **consts}, Sink(PRELUDE, ""), []
+        try:
+            v = self.expr(b.node)
+        finally:
+            self.scope, self.sink, self.gates = saved
+        return v if isinstance(v, LossV) else b.value  # type: ignore[return-value]
 
     def _name_hint(self, name: str) -> str:
         for key, forms in VOCAB.items():
@@ -494,6 +514,38 @@ class Checker:
         rules.check_reachable(self, use)
         return LossV(Gate(tuple(branches), orelse))
 
+    def _apply(self, node: ast.Apply) -> Value:
+        """``joint(L)`` / ``per_question(L)``: how the terms of L are normalised."""
+        make = LOSS_FUNCTIONS.get(node.name)
+        if make is None:
+            self.sink.error(
+                "E025",
+                f"unknown loss function '{_short(node.name)}'",
+                node.name_pos,
+                hint=(suggest(node.name, list(LOSS_FUNCTIONS), "") + " ").lstrip()
+                + "(joint(L): the terms of L share one normaliser; "
+                "per_question(L): L per question, averaged over the questions)",
+            )
+            return BAD
+        if len(node.args) != 1:
+            self.sink.error(
+                "E013", f"{node.name} takes one loss, got {len(node.args)} arguments", node.pos,
+                hint=f"write {node.name}(a + b)",
+            )  # fmt: skip
+            return BAD
+        inner = self._as_loss(self.expr(node.args[0]), node.args[0], f"the argument of {node.name}")
+        if inner is None:
+            return BAD
+        if node.name == "joint" and _mixed_scopes(inner):
+            self.sink.error(
+                "E026",
+                "a joint(...) normaliser cannot mix per_question terms with mini-batch terms",
+                node.pos,
+                hint="put the joint inside the per_question: per_question(joint(a + b))",
+            )
+            return BAD
+        return LossV(make(inner))
+
     # ----- helpers ----------------------------------------------------------------------------
 
     def _as_loss(self, v: Value, node: ast.Expr, where: str) -> LossExpr | None:
@@ -619,8 +671,11 @@ class Checker:
         """The estimator with every component explicit, after the multi-component rules."""
         values = {k: val for k, (val, _) in est.parts.items()}
         agg = values.get("agg")
-        if isinstance(agg, Call) and agg.name == "token_sum_norm" and not agg.args and self.settings:
-            values["agg"] = Call("token_sum_norm", (float(self.settings.rollout.max_new_tokens),))
+        if isinstance(agg, Call) and agg.name in ("token_sum_norm", "token_sum") and not agg.args and self.settings:
+            values["agg"] = Call(agg.name, (float(self.settings.rollout.max_new_tokens),))
+        w = values.get("ent_weight")
+        if isinstance(w, Call) and len(w.args) == 1:
+            values["ent_weight"] = Call(w.name, (w.args[0], 1.0))
         spec = EstimatorSpec(**values, name=est.name)  # type: ignore[arg-type]
         rules.check_estimator(self, est, spec)
         return Term(spec)
@@ -638,6 +693,8 @@ class Checker:
         if isinstance(loss, Gate):
             branches = tuple((c, self._recheck(b, site)) for c, b in loss.branches)
             return Gate(branches, self._recheck(loss.orelse, site))
+        if isinstance(loss, Joint | PerQuestion):
+            return type(loss)(self._recheck(loss.loss, site))
         return loss
 
     def where(self, est: EstV, *keys: str) -> ast.Pos:
@@ -651,11 +708,33 @@ class Checker:
 
 # ----- small helpers ----------------------------------------------------------------------------
 
+LOSS_FUNCTIONS: dict[str, Callable[[LossExpr], LossExpr]] = {"joint": Joint, "per_question": PerQuestion}
+"""The functions a loss expression may apply (``joint(a + b)``, ``per_question(L)``)."""
+
+
+def _mixed_scopes(loss: LossExpr) -> bool:
+    """True when some terms of ``loss`` sit under a per_question and others do not."""
+    seen: set[bool] = set()
+    stack: list[tuple[LossExpr, bool]] = [(loss, False)]
+    while stack:
+        node, pq = stack.pop()
+        if isinstance(node, Term):
+            seen.add(pq)
+        elif isinstance(node, PerQuestion):
+            stack.append((node.loss, True))
+        elif isinstance(node, Joint | Scale):
+            stack.append((node.loss, pq))
+        elif isinstance(node, Sum):
+            stack += [(i, pq) for i in node.items]
+        elif isinstance(node, Gate):
+            stack += [(b, pq) for _, b in node.branches] + [(node.orelse, pq)]
+    return len(seen) > 1
+
 
 def _normalise(key: str, form: Form, args: tuple[float, ...], bare: bool) -> object:
     if key in ("denom", "on", "group"):
         return form.name
-    if key == "kl" and form.name == "none":
+    if key in ("kl", "ent_weight") and form.name == "none":
         return None
     if form.name in ("clip", "seq_clip") and len(args) == 1:
         args = (args[0], args[0])
@@ -701,6 +780,8 @@ def _children(n: object) -> list[object]:
         return list(n.items)
     if isinstance(n, ast.Not | ast.Unary):
         return [n.operand]
+    if isinstance(n, ast.Apply):
+        return list(n.args)
     return []
 
 

@@ -7,7 +7,7 @@ Adding a component value is one ``Form`` here plus its implementation in the com
 Normalised arguments (what EstimatorSpec holds):
     clip(e)            -> clip(e, e)             seq_clip(e) -> seq_clip(e, e)
     dual_clip(e, c)    -> dual_clip(e, e, c)     adv=c (a number) -> const(c)
-    token_sum_norm     -> token_sum_norm(L), L = rollout.max_new_tokens
+    token_sum_norm     -> token_sum_norm(L), L = rollout.max_new_tokens (token_sum likewise)
 """
 
 from __future__ import annotations
@@ -48,6 +48,15 @@ _UNIT = _each(lambda x: 0 <= x <= 1, "must be in [0, 1]")
 _POS = _each(lambda x: 0 < x < math.inf, "must be a positive finite number")
 _NONNEG = _each(lambda x: 0 <= x < math.inf, "must be a finite number >= 0")
 _FINITE = _each(math.isfinite, "must be a finite number")
+
+
+def _gae_args(args: tuple[float, ...]) -> tuple[int, str] | None:
+    bad = _UNIT(args[:2])
+    if bad is not None:
+        return bad
+    if len(args) == 3 and args[2] not in (0, 1):
+        return 2, "whiten is 1 (whiten the advantages over the step) or 0 (do not)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,12 @@ VOCAB: dict[str, dict[str, Form]] = {
         ),
         Form("group_mean", meaning="reward minus its group mean (Dr. GRPO)", formula="Â = R − mean_G R"),
         Form(
+            "sign",
+            meaning="+1 for a correct response (R > 0.5), −1 otherwise (SRFT's ±1 reward)",
+            formula="Â = +1 if R > 0.5 else −1",
+            source="Fu et al. 2025 (SRFT)",
+        ),
+        Form(
             "rloo",
             meaning="reward minus the mean of the other n−1 in its group",
             formula="Â = R − mean_{G∖i} R",
@@ -150,13 +165,20 @@ VOCAB: dict[str, dict[str, Form]] = {
             formula="Â = (R − mean_B R) / std_B R",
         ),
         Form(
+            "token_whiten",
+            meaning="token returns (γ = 1) whitened over every response token of the step (REINFORCE++)",
+            formula="Â = (R − mean_tok R) / sqrt(var_tok R + 1e-8)",
+            source="Hu 2025 (REINFORCE++), as verl computes it",
+        ),
+        Form(
             "gae",
-            (2,),
-            ("gamma", "lambda"),
-            "generalised advantage estimation over a critic's values",
+            (2, 3),
+            ("gamma", "lambda", "whiten"),
+            "generalised advantage estimation over a critic's values, whitened over the step's "
+            "response tokens (whiten = 1, the default; 0 switches it off)",
             "Â_t = Σ_l (γλ)^l δ_{t+l},  δ_t = R_t + γV_{t+1} − V_t",
-            _UNIT,
-            "Schulman et al. 2016 (GAE)",
+            _gae_args,
+            "Schulman et al. 2016 (GAE); whitening as verl, OpenRLHF and TRL",
         ),
     ),
     "grad": _forms(
@@ -186,6 +208,16 @@ VOCAB: dict[str, dict[str, Form]] = {
             "seq_mean_token_sum",
             meaning="sum over tokens within a sequence, mean over sequences",
             formula="(1/B) Σ_i Σ_t",
+        ),
+        Form(
+            "token_sum",
+            (0, 1),
+            ("L",),
+            "sum over every token divided by a constant L, not by a row or token count "
+            "(default: rollout.max_new_tokens; the released HPT and LUFFY scripts)",
+            "(1/L) Σ_i Σ_t",
+            _POS,
+            "HPT / LUFFY released scripts (loss_remove_token_mean)",
         ),
         Form(
             "token_sum_norm",
@@ -237,6 +269,27 @@ VOCAB: dict[str, dict[str, Form]] = {
         ),
     ),
     "entropy": {},  # a number: the entropy bonus coefficient
+    "ent_weight": _forms(
+        Form("none", meaning="no entropy-aware weight"),
+        Form(
+            "exp",
+            (1, 2),
+            ("s", "c"),
+            "every row's objective weighted by c·sg(exp(s·H̄)), H̄ the row's mean token entropy",
+            "· c·sg(exp(s·H̄_i))",
+            _FINITE,
+            "Fu et al. 2025 (SRFT: exp(−H) on demonstrations)",
+        ),
+        Form(
+            "pos_exp",
+            (1, 2),
+            ("s", "c"),
+            "rows with Â > 0 weighted by c·sg(exp(s·H̄)), H̄ the row's mean token entropy; others by 1",
+            "· (Â>0 ? c·sg(exp(s·H̄_i)) : 1)",
+            _FINITE,
+            "Fu et al. 2025 (SRFT: 0.1·exp(H) on positive rollouts)",
+        ),
+    ),
 }
 
 KEYS: tuple[str, ...] = tuple(VOCAB)
@@ -251,6 +304,7 @@ KEY_MEANING: dict[str, str] = {
     "group": "rows pooled for group advantages",
     "kl": "KL penalty to the frozen reference model",
     "entropy": "entropy bonus coefficient",
+    "ent_weight": "entropy-aware weight of each row's objective",
 }
 
 KIND_NAME: dict[str, str] = {
@@ -263,6 +317,7 @@ KIND_NAME: dict[str, str] = {
     "group": "group",
     "kl": "KL estimator",
     "entropy": "entropy coefficient",
+    "ent_weight": "entropy-aware weight",
 }
 
 CLIP_MASKS = ("clip", "dual_clip", "cispo", "seq_clip")

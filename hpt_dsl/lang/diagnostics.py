@@ -45,6 +45,8 @@ CODES: dict[str, str] = {
     "E022": "adv=gae without a critic",
     "E023": "gate on a rollout statistic with no rollouts",
     "E024": "incompatible components",
+    "E025": "unknown loss function",
+    "E026": "a joint normaliser over per-question and mini-batch terms",
     "E040": "unknown settings section",
     "E041": "unknown setting",
     "E042": "invalid setting value",

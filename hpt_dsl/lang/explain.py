@@ -26,9 +26,11 @@ from hpt_dsl.recipe import (
     Const,
     EstimatorSpec,
     Gate,
+    Joint,
     LossExpr,
     Neg,
     Not,
+    PerQuestion,
     Recipe,
     Scalar,
     Scale,
@@ -52,14 +54,26 @@ PAPERS: dict[str, str] = {
     "reinforce_pp": "REINFORCE++ (Hu 2025)",
     "luffy_on": "LUFFY, on-policy part (Yan et al. 2025)",
     "luffy_off": "LUFFY, off-policy part (Yan et al. 2025)",
-    "luffy": "LUFFY (Yan et al. 2025)",
+    "luffy": "LUFFY (Yan et al. 2025), as the paper writes it: clip, std, one token mean over on- and off-policy",
+    "luffy_code": "LUFFY (Yan et al. 2025), as its released scripts run it: no std, no clip, token sum / "
+    "max_new_tokens, entropy bonus 0.001",
     "srft_off": "SRFT, off-policy part (Fu et al. 2025)",
-    "srft": "SRFT (Fu et al. 2025)",
+    "srft": "SRFT (Fu et al. 2025), as the paper writes it: entropy-weighted SFT, off-policy and on-policy terms",
+    "srft_offline": "SRFT's off-policy form: LUFFY's on-policy part and the unshaped demonstration",
     "hpt": "Hybrid Post-Training (Lv et al. 2025)",
+    "hpt_code": "Hybrid Post-Training (Lv et al. 2025), as the authors' released script runs it: no std, no "
+    "clip, token sum / max_new_tokens, SFT token mean, entropy bonus 0.001",
 }
 
-FIELDS = ("mask", "clip_symmetric", "denom", "adv", "grad", "agg", "on", "group")
-WEIGHTS = (3, 1, 3, 3, 2, 1, 3, 1)
+EXACT: dict[str, str] = {
+    "hpt": "Hybrid Post-Training (Lv et al. 2025), as the paper writes it (Eq. 10-13): per question, the "
+    "clipped GRPO surrogate summed over each rollout's tokens and averaged over its n rollouts when the "
+    "pass rate is above gamma, the token mean of SFT on its demonstration otherwise; each question weighs 1/Q",
+}
+"""Descriptions of the prelude's losses when a recipe is exactly one of them."""
+
+FIELDS = ("mask", "clip_symmetric", "denom", "adv", "grad", "agg", "on", "group", "entropy", "ent_weight")
+WEIGHTS = (3, 1, 3, 3, 2, 1, 3, 1, 1, 2)
 """How much a difference in each field counts when looking for the closest algorithm."""
 PER_QUESTION = set(STATS) - {"step"}
 
@@ -71,7 +85,9 @@ def signature(s: EstimatorSpec) -> tuple[object, ...]:
     """What identifies an algorithm: component kinds, not their hyper-parameters (a GRPO
     with clip 0.3 is still GRPO); a clip's symmetry tells GRPO from DAPO."""
     symmetric = s.mask.args[0] == s.mask.args[1] if s.mask.name == "clip" else None
-    return (s.mask.name, symmetric, s.denom, s.adv.name, s.grad.name, s.agg.name, s.on, s.group)
+    weight = None if s.ent_weight is None else s.ent_weight.name
+    return (s.mask.name, symmetric, s.denom, s.adv.name, s.grad.name, s.agg.name, s.on, s.group, bool(s.entropy),
+            weight)  # fmt: skip
 
 
 def match_estimator(s: EstimatorSpec, settings: Settings | None = None) -> dict[str, Any]:
@@ -106,7 +122,10 @@ def match_recipe(recipe: Recipe) -> dict[str, Any]:
     shape = _shape(loss, recipe.settings)
     for name, other in prelude_estimators(recipe.settings).items():
         if not isinstance(other, Term) and _shape(other, recipe.settings) == shape:
-            return {"algorithm": name, "description": PAPERS.get(name, name)}
+            return {"algorithm": name, "description": EXACT.get(name, PAPERS.get(name, name))}
+    if isinstance(loss, PerQuestion) and isinstance(loss.loss, Gate):
+        m = _match_gate(loss.loss, recipe.settings)
+        return {**m, "description": m["description"] + "; a loss per question, each weighing 1/Q"}
     if isinstance(loss, Gate):
         return _match_gate(loss, recipe.settings)
     if isinstance(loss, Zero):
@@ -180,6 +199,8 @@ def _has_sft(loss: LossExpr, settings: Settings) -> bool:
 
 def _shape(loss: LossExpr, settings: Settings) -> object:
     """A loss tree reduced to estimator signatures; sums compare as multisets."""
+    if isinstance(loss, Joint | PerQuestion):
+        return (type(loss).__name__, _shape(loss.loss, settings))
     if isinstance(loss, Term):
         return ("term", signature(loss.estimator))
     if isinstance(loss, Scale):
@@ -254,16 +275,20 @@ def show_loss(loss: LossExpr) -> str:
             inner = f"({inner})"
         return f"{show_scalar(loss.coef, 2)} * {inner}"
     if isinstance(loss, Sum):
-        return " + ".join(show_loss(i) for i in loss.items)
+        return " + ".join(f"({show_loss(i)})" if isinstance(i, Gate) else show_loss(i) for i in loss.items)
     if isinstance(loss, Gate):
         parts = [f"if {show_cond(c)} then {show_loss(b)}" for c, b in loss.branches]
         return " el".join(parts) + f" else {show_loss(loss.orelse)}"
+    if isinstance(loss, Joint):
+        return f"joint({show_loss(loss.loss)})"
+    if isinstance(loss, PerQuestion):
+        return f"per_question({show_loss(loss.loss)})"
     return "?"
 
 
 def gate_rows(loss: LossExpr) -> list[dict[str, str]]:
     """The outermost gate as rows (condition, loss); [] when the loss has no gate."""
-    while isinstance(loss, Scale):
+    while isinstance(loss, Scale | Joint | PerQuestion):
         loss = loss.loss
     if not isinstance(loss, Gate):
         return []
@@ -280,6 +305,8 @@ _ADV = {
     "group_mean": "(R − mean_G R)",
     "rloo": "(R − mean_{G∖i} R)",
     "batch_norm": "(R − mean_B R)/std_B R",
+    "token_whiten": "(R − mean_tok R)/sqrt(var_tok R + 1e-8)",
+    "sign": "(R > 0.5 ? +1 : −1)",
 }
 
 
@@ -326,6 +353,12 @@ def formula(s: EstimatorSpec) -> dict[str, str]:
         regs.append(f"+ {num(s.kl.args[0])} · ∇{s.kl.name}(π_θ ‖ π_ref-model)")
     if s.entropy:
         regs.append(f"− {num(s.entropy)} · ∇H(π_θ)")
+    if s.ent_weight is not None:
+        e, c = s.ent_weight.args
+        weight = f"{num(c)}·sg(exp({num(e)}·H̄_i))"
+        factors.insert(0, weight if s.ent_weight.name == "exp" else f"(Â>0 ? {weight} : 1)")
+        out["gradient"] = "∇ℓ_t = " + " · ".join(factors)
+        out["where"] = "; ".join([*where, "H̄_i = the mean token entropy of response i"])
     out["regularizers"] = " ".join(regs)
     return out
 
@@ -338,6 +371,71 @@ def _adv_text(s: EstimatorSpec) -> str:
     return _ADV[s.adv.name]
 
 
+# ----- normalisers ---------------------------------------------------------------------------------
+
+_ROWS = {"rollouts": "rollout", "demos": "demonstration", "rollouts+demos": "rollout and demonstration"}
+_COUNT = {
+    "token_mean": ("(1/N_tokens({S})) Σ_i Σ_t", "Σ over {s} tokens / the number of {s} tokens"),
+    "seq_mean_token_mean": (
+        "(1/N_seqs({S})) Σ_i (1/|y_i|) Σ_t",
+        "each response's token mean, averaged over {s} responses",
+    ),
+    "seq_mean_token_sum": ("(1/N_seqs({S})) Σ_i Σ_t", "each response's token sum, averaged over {s} responses"),
+    "token_sum_norm": ("(1/(L·N_seqs({S}))) Σ_i Σ_t", "Σ over {s} tokens / (L × the number of {s} responses)"),
+    "token_sum": ("(1/L) Σ_i Σ_t", "Σ over {s} tokens / L, not by any count"),
+}
+
+
+def normalisers(loss: LossExpr) -> list[dict[str, str]]:
+    """Each term's normaliser, in words and as a formula: over whose tokens its counts are
+    taken (its own rows, or the union of a ``joint`` group's) and, under ``per_question``,
+    per question then averaged over the Q questions of the mini-batch."""
+    found: list[tuple[EstimatorSpec, int | None, bool]] = []
+    counter = [0]
+
+    def walk(node: LossExpr, joint: int | None, pq: bool) -> None:
+        if isinstance(node, Term):
+            found.append((node.estimator, joint, pq))
+        elif isinstance(node, Joint):
+            if joint is None:
+                counter[0] += 1
+                joint = counter[0]
+            walk(node.loss, joint, pq)
+        elif isinstance(node, PerQuestion):
+            walk(node.loss, joint, True)
+        elif isinstance(node, Scale):
+            walk(node.loss, joint, pq)
+        elif isinstance(node, Sum):
+            for item in node.items:
+                walk(item, joint, pq)
+        elif isinstance(node, Gate):
+            for _, body in node.branches:
+                walk(body, joint, pq)
+            walk(node.orelse, joint, pq)
+
+    walk(loss, None, False)
+    out = []
+    for spec, joint, pq in found:
+        members = [s for s, j, _ in found if joint is not None and j == joint]
+        rows = {s.on for s in members} or {spec.on}
+        union = "rollouts+demos" if len(rows) > 1 or "rollouts+demos" in rows else rows.pop()
+        formula_text, words = _COUNT[spec.agg.name]
+        label = {"rollouts": "rollouts", "demos": "demos", "rollouts+demos": "rollouts+demos"}[union]
+        scope = "all" if joint is not None and len(members) > 1 else label
+        f = formula_text.format(S=scope + (", q" if pq else ""))
+        w = words.format(s=("the question's " if pq else "") + _ROWS[union])
+        if spec.agg.args:
+            f += f", L = {num(spec.agg.args[0])}"
+        if joint is not None and len(members) > 1:
+            names = ", ".join(dict.fromkeys(m.name or "estimator" for m in members))
+            w += f" (one normaliser shared by {names})"
+        if pq:
+            f = f"(1/Q) Σ_q {f}"
+            w = f"per question: {w}; then the mean over the Q questions of the mini-batch (each weighs 1/Q)"
+        out.append({"term": spec.name or "estimator", "formula": f, "words": w})
+    return out
+
+
 # ----- everything, as plain data ------------------------------------------------------------------
 
 
@@ -347,6 +445,8 @@ def explain(recipe: Recipe) -> dict[str, Any]:
     for name, s in recipe.estimators.items():
         comps = {k: show(getattr(s, k)) for k in ("mask", "denom", "adv", "grad", "agg", "on", "group", "kl")}
         comps["entropy"] = num(s.entropy)
+        if s.ent_weight is not None:
+            comps["ent_weight"] = show(s.ent_weight)
         estimators.append(
             {
                 "name": name,
@@ -363,6 +463,7 @@ def explain(recipe: Recipe) -> dict[str, Any]:
         "estimators": estimators,
         "needs": asdict(recipe.needs),
         "gate": gate_rows(recipe.loss),
+        "normalisers": normalisers(recipe.loss),
         "warnings": [d.to_dict() for d in recipe.warnings],
     }
 
@@ -370,6 +471,8 @@ def explain(recipe: Recipe) -> dict[str, Any]:
 def _meaning(key: str, s: EstimatorSpec) -> str:
     if key == "entropy":
         return KEY_MEANING["entropy"]
+    if key == "ent_weight":
+        return VOCAB["ent_weight"][s.ent_weight.name].meaning if s.ent_weight else KEY_MEANING[key]
     value = getattr(s, key)
     name = "none" if value is None else value.name if hasattr(value, "name") else str(value)
     form = VOCAB[key].get(name)

@@ -16,11 +16,11 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 
-from hpt_dsl.lang import rules, settings_map
+from hpt_dsl.lang import knobs, rules, settings_map
 from hpt_dsl.lang.check import PRELUDE, Binding, Checker, EstV, LossV
 from hpt_dsl.lang.diagnostics import Diagnostic, RecipeError, Sink
 from hpt_dsl.lang.parse import parse
-from hpt_dsl.recipe import EstimatorSpec, Gate, LossExpr, Recipe, Scale, Sum, Term
+from hpt_dsl.recipe import EstimatorSpec, Gate, Joint, LossExpr, PerQuestion, Recipe, Scale, Sum, Term
 from hpt_dsl.settings import Settings
 
 
@@ -85,6 +85,7 @@ def _check_text(text: str, label: str, overrides: list[str], sink: Sink, set_sin
         loss, estimators = name_estimators(loss)
         needs = rules.needs(loss)
         rules.check_recipe(ck, needs, {(e.section, e.key): e.key_pos for e in entries})
+        knobs.check(settings, needs, module, entries + set_entries, sink)
     except RecursionError:
         sink.error("E004", "expression nested too deeply", None, hint="split it with `let` definitions")
         return None
@@ -264,6 +265,8 @@ def name_estimators(loss: LossExpr) -> tuple[LossExpr, dict[str, EstimatorSpec]]
             return Sum(tuple(visit(i) for i in node.items))
         if isinstance(node, Gate):
             return Gate(tuple((c, visit(b)) for c, b in node.branches), visit(node.orelse))
+        if isinstance(node, Joint | PerQuestion):
+            return type(node)(visit(node.loss))
         return node
 
     return visit(loss), table

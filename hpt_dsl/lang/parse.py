@@ -366,6 +366,9 @@ class _ToAst(Transformer_NonRecursive):
     def ref(self, meta: Any, c: list[Any]) -> ast.Ref:
         return ast.Ref(str(c[0]), _tok_pos(c[0], self.src))
 
+    def call(self, meta: Any, c: list[Any]) -> ast.Apply:
+        return ast.Apply(str(c[0]), tuple(c[1:]), self._pos(meta, *c), _tok_pos(c[0], self.src))
+
     def derive(self, meta: Any, c: list[Any]) -> ast.Components:
         base = ast.Ref(str(c[0]), _tok_pos(c[0], self.src))
         return ast.Components(base, tuple(c[1:]), self._pos(meta, *c))

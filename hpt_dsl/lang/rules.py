@@ -33,10 +33,12 @@ from hpt_dsl.recipe import (
     Gate,
     LossExpr,
     Needs,
+    Joint,
     Neg,
     Not,
     Scale,
     Stat,
+    PerQuestion,
     Sum,
     Term,
 )
@@ -266,8 +268,12 @@ def needs(loss: LossExpr) -> Needs:
         old |= s.denom in OLD_DENOMS or s.mask.name == "cispo"
         ref |= s.kl is not None
         critic |= s.adv.name == "gae"
-        entropy |= s.entropy != 0
+        elif isinstance(node, Joint | PerQuestion):
+            stack.append(node.loss)
+        entropy |= s.entropy != 0 or s.ent_weight is not None
     rollouts |= bool(stats_used(loss) - {"step"})
     return Needs(
         rollouts=rollouts, demos=demos, old_logprobs=old, ref_model=ref, critic=critic, entropy=entropy
     )
+        elif isinstance(node, Joint | PerQuestion):
+            stack.append(node.loss)
