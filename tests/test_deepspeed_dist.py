@@ -121,3 +121,51 @@ def test_two_processes_give_the_one_process_loss_and_gradient(tmp_path: Path) ->
     assert one_metrics["tis/trunc_frac"] > 0  # the IS weights' metrics are shares of all rollout tokens
     for key, value in one_metrics.items():
         assert two["metrics"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+# The faithful forms: a per-question loss, a joint normaliser and a step-whitened advantage,
+# prepared for one optimizer mini-batch (questions 0, 1, 3, 4 of the step) with the whole
+# step's whitening moments.
+MIXED = "loss = hpt + luffy + reinforce_pp\nrollout.n = 4\n"
+MINI_BATCH = (0, 1, 3, 4)
+
+
+def mixed_loss_and_grad(batch: Batch, rows: slice) -> tuple[float, torch.Tensor]:
+    from hpt_dsl import load_recipe
+    from hpt_dsl.estimator import compile_recipe
+
+    program = compile_recipe(load_recipe(text=MIXED))
+    local = {k: v[rows] for k, v in batch.items() if k not in ("ref_logprobs", "rollout_logprobs")}
+    lp = local.pop("logprobs")
+    moments = dist.prepare(program, **local).moments  # over the whole step, every process
+    keep = torch.isin(local["group_ids"], torch.tensor(MINI_BATCH))
+    sub = {k: v[keep] for k, v in local.items()}
+    prep = dist.prepare(program, step_moments=moments, **sub)
+    lp = lp[keep].clone().requires_grad_(True)
+    out = program.loss(prep, logprobs=lp)
+    out.loss.backward()
+    grad = torch.zeros(len(batch["group_ids"][rows]), T, dtype=torch.float64)
+    grad[keep] = lp.grad
+    return float(dist.all_reduce_sum(out.loss.detach())), grad
+
+
+def _mixed_worker(out_dir: str) -> None:
+    dist.init("gloo")
+    batch = make_batch(1)
+    questions = dist.shard(N_QUESTIONS)
+    per_q = N_ROLLOUTS + 1
+    loss, grad = mixed_loss_and_grad(batch, slice(questions.start * per_q, questions.stop * per_q))
+    grads, _ = dist.all_gather_rows(grad)
+    if dist.is_main():
+        torch.save({"loss": loss, "grad": grads}, Path(out_dir) / "mixed.pt")
+
+
+def test_two_processes_give_the_faithful_forms_one_process_values(tmp_path: Path) -> None:
+    """per_question counts, joint counts, Q and the step's whitening moments are global."""
+    batch = make_batch(1)
+    one_loss, one_grad = mixed_loss_and_grad(batch, slice(None))
+    dist.spawn(_mixed_worker, 2, str(tmp_path))
+    two = torch.load(tmp_path / "mixed.pt", weights_only=True)
+    assert one_grad.abs().sum() > 0
+    assert two["loss"] == pytest.approx(one_loss, rel=1e-12, abs=1e-12)
+    assert torch.allclose(two["grad"], one_grad, rtol=0, atol=1e-12)
