@@ -99,8 +99,8 @@ def group_mean(inp: AdvInputs) -> Tensor:
     return torch.where(n >= 2, inp.rewards - mu, 0.0)
 
 
-@register("adv", "sign")
-def sign(inp: AdvInputs) -> Tensor:
+@register("adv", "pm_one")
+def pm_one(inp: AdvInputs) -> Tensor:
     """A_hat_i = +1 if R_i > 0.5 (a correct response) else -1: SRFT's reward of +-1."""
     return torch.where(inp.rewards > 0.5, 1.0, -1.0).to(inp.rewards.dtype)
 

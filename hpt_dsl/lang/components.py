@@ -149,7 +149,7 @@ VOCAB: dict[str, dict[str, Form]] = {
         ),
         Form("group_mean", meaning="reward minus its group mean (Dr. GRPO)", formula="Â = R − mean_G R"),
         Form(
-            "sign",
+            "pm_one",
             meaning="+1 for a correct response (R > 0.5), −1 otherwise (SRFT's ±1 reward)",
             formula="Â = +1 if R > 0.5 else −1",
             source="Fu et al. 2025 (SRFT)",

@@ -306,7 +306,7 @@ _ADV = {
     "rloo": "(R − mean_{G∖i} R)",
     "batch_norm": "(R − mean_B R)/std_B R",
     "token_whiten": "(R − mean_tok R)/sqrt(var_tok R + 1e-8)",
-    "sign": "(R > 0.5 ? +1 : −1)",
+    "pm_one": "(R > 0.5 ? +1 : −1)",
 }
 
 
