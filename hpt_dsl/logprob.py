@@ -15,6 +15,13 @@ pass recomputes each chunk's softmax and writes the gradient
 
 (g = upstream gradient of the log-probs, h = of the entropy) straight into the result.
 Peak memory is the gradient itself plus one chunk of float32 work space.
+
+The chunk is a memory budget, not a token count: ``rows = budget / (4 V)`` tokens, so that
+one chunk's float32 work space is ``budget`` bytes at any vocabulary. The budget is 16 MiB on
+a CPU (cache-sized: about 27 tokens at V = 152k) and 256 MiB on a GPU, where each chunk is a
+handful of kernel launches and a few tokens a chunk would leave the device idle between
+them (about 440 tokens at V = 152k, 2,000 at V = 32k; two such buffers live at once in the
+backward pass with the entropy).
 """
 
 from __future__ import annotations
@@ -25,8 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-CHUNK_ELEMENTS = 1 << 22
-"""Default work space per chunk: about 4M logits (16 MiB in float32)."""
+CHUNK_BYTES = {"cpu": 16 << 20, "other": 256 << 20}
+"""Float32 work space per chunk: 16 MiB on a CPU, 256 MiB on an accelerator."""
+
+
+def chunk_rows(vocab: int, device: torch.device | str) -> int:
+    """Tokens per chunk: as many as fit the device's work-space budget in float32 (at least 1)."""
+    kind = torch.device(device).type
+    budget = CHUNK_BYTES["cpu" if kind == "cpu" else "other"]
+    return max(1, budget // (4 * max(vocab, 1)))
 
 
 def _blocks(B: int, T: int, rows: int) -> Iterator[tuple[slice, slice]]:
@@ -143,7 +157,7 @@ def token_logprobs(
     per-token entropy when ``with_entropy``; both float32 (float64 for float64 logits), both
     differentiable with respect to the logits.
 
-    chunk: tokens processed at once (default: about 4M logits of work space).
+    chunk: tokens processed at once (default: ``chunk_rows``, the device's work-space budget).
     """
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(
@@ -153,7 +167,7 @@ def token_logprobs(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
     V = logits.shape[-1]
-    rows = max(1, chunk if chunk is not None else CHUNK_ELEMENTS // max(V, 1))
+    rows = max(1, chunk if chunk is not None else chunk_rows(V, logits.device))
     lp, ent = _TokenLogprobs.apply(logits, targets.long(), float(temperature), bool(with_entropy), rows)
     return lp, (ent if with_entropy else None)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hpt_dsl.logprob import naive_token_logprobs, token_logprobs
+from hpt_dsl.logprob import chunk_rows, naive_token_logprobs, token_logprobs
 
 
 def reference(
@@ -118,3 +118,14 @@ def test_peak_memory_is_at_most_half_the_naive_path() -> None:
     assert naive_peak >= 2.5 * grad_bytes  # the measurement sees the naive path's three (B, T, V) tensors
     assert lean_peak >= grad_bytes  # ... and the kernel's gradient
     assert lean_peak <= 0.5 * naive_peak
+
+
+def test_the_chunk_is_a_memory_budget_per_device() -> None:
+    """At Qwen2.5's vocabulary a CPU chunk stays cache-sized (27 tokens), a GPU chunk is
+    hundreds of tokens (not 27 kernel-launch-bound ones) within its 256 MiB budget."""
+    V = 151_936
+    assert chunk_rows(V, "cpu") == (16 << 20) // (4 * V) == 27
+    gpu = chunk_rows(V, torch.device("cuda", 3))
+    assert gpu >= 400 and gpu * V * 4 <= 256 << 20 < (gpu + 1) * V * 4
+    assert chunk_rows(32_000, "cuda") == 2097
+    assert chunk_rows(10**9, "cuda") == 1
