@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from hpt_dsl.faults import write_fault
 
 TIMING_KEYS = ("time", "time/")
 """Keys that differ between two runs of the same seed (wall-clock figures)."""
@@ -54,7 +57,9 @@ def truncate_metrics(path: Path, last_step: int) -> None:
             continue  # a torn last line of a killed run
         if isinstance(row, dict) and int(row.get("step", 0)) <= last_step:
             keep.append(line)
-    path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")  # a full disk here must not cost the lines kept
+    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    tmp.replace(path)
 
 
 def gate_text(row: dict[str, Any]) -> str:
@@ -120,8 +125,12 @@ class Reporter:
         if not self.writes:
             return
         line = json.dumps({k: _clean(v) for k, v in row.items()})
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as err:  # a torn last line is skipped by every reader and by a resume
+            raise write_fault(f"the metrics of step {row.get('step')}", self.path, err,
+                              then=f"Free some space, then --resume {self.path.parent}.") from err
         if self.json_logs:
             self.json_stream.write(line + "\n")
             self.json_stream.flush()
@@ -160,6 +169,11 @@ class Reporter:
     def message(self, text: str) -> None:
         if not self.quiet:
             self.console.print(text)
+
+    def warning(self, text: str) -> None:
+        """A warning, shown even with ``--quiet`` (by the first process of a run only)."""
+        if self.writes:
+            self.console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
 
     def summary(self, run_dir: Path, wall_s: float, extra: dict[str, Any]) -> Table:
         """The closing table, then the paths in ``extra`` (one line each); printed unless quiet."""
