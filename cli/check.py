@@ -43,11 +43,15 @@ def check_command(
         errors, warnings = errors + n_err, warnings + n_warn
         usage |= out.usage
         failed |= n_err > 0 or (strict and n_warn > 0)
+        plugins = [p.summary() for p in out.recipe.plugins] if out.recipe is not None else []
         results.append(
-            {"file": path, "ok": n_err == 0, "diagnostics": [d.to_dict() for d in out.diagnostics]}
-        )
+            {"file": path, "ok": n_err == 0, "diagnostics": [d.to_dict() for d in out.diagnostics],
+             "plugins": plugins}
+        )  # fmt: skip
         if not as_json:
             print_diagnostics(console, out.diagnostics)
+            for plugin in plugins:  # code this recipe runs on purpose: say so
+                console.print(Text(f"{path}: loads plugin {plugin}", style="cyan"))
             status = "ok" if n_err == 0 else "failed"
             extra = f" ({_count(n_err, 'error')}, {_count(n_warn, 'warning')})" if out.diagnostics else ""
             console.print(Text(f"{path}: {status}{extra}", style="green" if n_err == 0 else "red"))

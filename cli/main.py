@@ -28,10 +28,14 @@ app = typer.Typer(
 from hpt_dsl.cli.check import check_command  # noqa: E402
 from hpt_dsl.cli.explain import explain_command  # noqa: E402
 
+from hpt_dsl.cli.diff import diff_command  # noqa: E402
 app.command("check")(check_command)
+from hpt_dsl.cli.verify import verify_command  # noqa: E402
 app.command("explain")(explain_command)
 
 from hpt_dsl.cli.compare import compare_command  # noqa: E402
+app.command("verify")(verify_command)
+app.command("diff")(diff_command)
 from hpt_dsl.cli.plot import plot_command  # noqa: E402
 
 app.command("compare")(compare_command)

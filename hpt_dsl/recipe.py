@@ -95,6 +95,29 @@ class EstimatorSpec:
         return " ".join(parts)
 
 
+OLD_DENOMS = ("pi_old", "pi_old_seq")
+
+
+def estimator_needs(s: EstimatorSpec, declared: dict[tuple[str, str], tuple[str, ...]] | None = None) -> set[str]:
+    """What one estimator reads besides pi_theta's log-probs: old_logprobs, ref_model, critic,
+    entropy. The one rule the checker, the compiler and the loss program share; ``declared``
+    adds the needs plugins declare for their components, by (kind, name)."""
+    out: set[str] = set()
+    if s.denom in OLD_DENOMS or s.mask.name in ("cispo", "seq_clip"):
+        out.add("old_logprobs")
+    if s.kl is not None:
+        out.add("ref_model")
+    if s.adv.name == "gae":
+        out.add("critic")
+    if s.entropy or s.ent_weight is not None:
+        out.add("entropy")
+    for kind, value in (("mask", s.mask), ("denom", s.denom), ("adv", s.adv), ("grad", s.grad), ("agg", s.agg),
+                        ("kl", s.kl)):  # fmt: skip
+        name = value if isinstance(value, str) else getattr(value, "name", None)
+        out.update((declared or {}).get((kind, str(name)), ()))
+    return out
+
+
 # ----- scalar expressions (per question, or global) -------------------------------------
 
 STATS = ("acc", "solved", "reward_mean", "reward_std", "n", "step")
@@ -235,3 +258,5 @@ class Recipe:
     path: str = "<recipe>"
     warnings: tuple[Any, ...] = field(default=(), compare=False)
     """Warnings found by the checker (``hpt_dsl.lang.Diagnostic``); a recipe with errors is never built."""
+    plugins: tuple[Any, ...] = field(default=(), compare=False)
+    """The plugins its ``use`` lines name (``hpt_dsl.lang.plugins.Plugin``), imported by ``compile``."""

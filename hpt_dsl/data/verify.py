@@ -175,7 +175,9 @@ def resolve(spec: str) -> Callable[[str, str], Any]:
         raise RewardError("data.reward = 'math_verify' needs math-verify; fix: pip install math-verify")
     if spec in BUILTIN:
         return BUILTIN[spec]
-    module_name, sep, attr = spec.partition(":")
+    module_name, sep, attr = spec.rpartition(":")
+    if module_name.endswith(".py"):  # a plugin file's reward: /path/to/plugin.py:function
+        return _from_file(spec, module_name, attr)
     if not sep or not module_name or not attr:
         raise RewardError(
             f"data.reward = '{spec}' is not a known reward; fix: use one of {sorted(BUILTIN)} "
@@ -188,6 +190,26 @@ def resolve(spec: str) -> Callable[[str, str], Any]:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise RewardError(f"data.reward = '{spec}': module '{module_name}' has no function '{attr}'")
+    return fn
+
+
+def _from_file(spec: str, path: str, attr: str) -> Callable[[str, str], Any]:
+    """The function ``attr`` of the Python file ``path`` (a plugin's reward)."""
+    name = "hpt_reward_" + "".join(c if c.isalnum() else "_" for c in path)
+    module = sys.modules.get(name)
+    if module is None:
+        file_spec = importlib.util.spec_from_file_location(name, path)
+        if file_spec is None or file_spec.loader is None:
+            raise RewardError(f"data.reward = '{spec}': cannot import {path}")
+        module = importlib.util.module_from_spec(file_spec)
+        try:
+            file_spec.loader.exec_module(module)
+        except Exception as e:
+            raise RewardError(f"data.reward = '{spec}': importing {path} failed ({type(e).__name__}: {e})") from e
+        sys.modules[name] = module
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RewardError(f"data.reward = '{spec}': {path} has no function '{attr}'")
     return fn
 
 

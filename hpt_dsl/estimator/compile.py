@@ -19,9 +19,10 @@ from hpt_dsl.estimator import grad as _grad  # noqa: F401
 from hpt_dsl.estimator import mask as _mask  # noqa: F401
 from hpt_dsl.estimator import regularize as _regularize  # noqa: F401
 from hpt_dsl.estimator.gate import flatten, merged
+from hpt_dsl.estimator.plugins import declared_needs, import_plugins
 from hpt_dsl.estimator.program import CompiledTerm, LossOutput, LossProgram, Prepared
 from hpt_dsl.estimator.registry import lookup
-from hpt_dsl.recipe import EstimatorSpec, LossExpr, Needs, Recipe, Stat, Term
+from hpt_dsl.recipe import EstimatorSpec, LossExpr, Needs, Recipe, Stat, Term, estimator_needs
 from hpt_dsl.settings import Settings
 
 
@@ -58,14 +59,16 @@ def _check_spec(spec: EstimatorSpec, name: str) -> None:
 
 
 def derive_needs(specs: list[EstimatorSpec]) -> Needs:
-    """What a list of estimators needs at run time (used when there is no checked recipe)."""
+    """What a list of estimators needs at run time (used when there is no checked recipe);
+    the same rule as the checker's (``hpt_dsl.recipe.estimator_needs``)."""
+    extra: set[str] = set().union(*(estimator_needs(s, declared_needs()) for s in specs)) if specs else set()
     return Needs(
         rollouts=any(s.on != "demos" or s.group != "rollouts" for s in specs),
         demos=any(s.on != "rollouts" or s.group != "rollouts" for s in specs),
-        old_logprobs=any(s.denom in ("pi_old", "pi_old_seq") or s.mask.name == "seq_clip" for s in specs),
-        ref_model=any(s.kl is not None for s in specs),
-        critic=any(s.adv.name == "gae" for s in specs),
-        entropy=any(bool(s.entropy) or s.ent_weight is not None for s in specs),
+        old_logprobs="old_logprobs" in extra,
+        ref_model="ref_model" in extra,
+        critic="critic" in extra,
+        entropy="entropy" in extra,
     )
 
 
@@ -101,7 +104,8 @@ def compile_loss(loss: LossExpr, settings: Settings | None = None, needs: Needs 
 
 
 def compile_recipe(recipe: Recipe) -> LossProgram:
-    """Compile a checked recipe."""
+    """Compile a checked recipe, importing the plugins it names (``use "..."``)."""
+    import_plugins(recipe.plugins)
     return compile_loss(recipe.loss, recipe.settings, recipe.needs)
 
 

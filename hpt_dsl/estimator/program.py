@@ -28,8 +28,10 @@ from hpt_dsl.estimator import regularize
 from hpt_dsl.estimator.adv import AdvInputs, gae_returns, gae_whitens, whiten_tokens
 from hpt_dsl.estimator.denom import TokenInputs
 from hpt_dsl.estimator.gate import Branch, Scope, WeightFn
+from hpt_dsl.estimator.plugins import declared_needs
+from hpt_dsl.estimator.registry import lookup
 from hpt_dsl.estimator.stats import question_stats
-from hpt_dsl.recipe import EstimatorSpec, Needs
+from hpt_dsl.recipe import EstimatorSpec, Needs, estimator_needs
 from hpt_dsl.settings import CriticSettings, Settings
 
 GROUP_ADVS = ("group_norm", "group_mean", "rloo")
@@ -152,7 +154,7 @@ class LossProgram:
         self.const_weights: list[float] | None = None
         self.const_branches: list[bool] | None = None
         if not stats_used:  # no weight reads a statistic: evaluate every weight once, here
-            one = {"n": torch.zeros(1, dtype=torch.float64)}
+            one = {"n": torch.zeros(1, dtype=torch.float64, device="cpu")}  # evaluated on the host
             weights = [float(t.weight(one)[0]) for t in terms]
             self.const_weights = [w if math.isfinite(w) else 0.0 for w in weights]
             self.const_branches = [bool(b.taken(one)[0] != 0) for b in branches]
@@ -173,7 +175,7 @@ class LossProgram:
             need["group_ids"] = "the integer question id of each row, shape (B,)"
         if any(s.on != "rollouts" or s.group != "rollouts" for s in specs):
             need["is_demo"] = "True on demonstration rows, shape (B,)"
-        if any(s.denom in ("pi_old", "pi_old_seq") or s.mask.name == "seq_clip" for s in specs):
+        if any("old_logprobs" in estimator_needs(s, declared_needs()) for s in specs):
             need["old_logprobs"] = "log pi_old of the taken tokens, shape (B, T)"
         if any(s.kl is not None for s in specs):
             need["ref_logprobs"] = "log pi_ref of the taken tokens (frozen reference model), shape (B, T)"
@@ -263,7 +265,7 @@ class LossProgram:
         )
         R = torch.zeros(B, dtype=dtype, device=device) if rewards is None else rewards.to(device, dtype)
         specs = [t.spec for t in self.terms]
-        uses_old = any(s.denom in ("pi_old", "pi_old_seq") or s.mask.name == "seq_clip" for s in specs)
+        uses_old = any("old_logprobs" in estimator_needs(s, declared_needs()) for s in specs)
         tis_cap = self.settings.rollout.tis_cap if rollout_logprobs is not None else None
         old, vals, ref, rlp = _clean(
             [
@@ -286,6 +288,8 @@ class LossProgram:
             group, n_groups = torch.arange(B, device=device), B
         if gated:
             stats = question_stats(R, group, n_groups, ~demo, step)
+            for name in self.stats_used - set(stats):  # a plugin's statistic
+                stats[name] = lookup("stat", name)(R, group, n_groups, ~demo).to(device=device, dtype=dtype)
             rows_per_q = torch.zeros(n_groups, dtype=dtype, device=device).index_add(
                 0, group, torch.ones_like(R)
             )
@@ -727,8 +731,11 @@ def _clean(xs: list[Tensor | None], mask: Tensor, dtype: torch.dtype) -> list[Te
 
 
 def _builtin(mask_fn: Callable[..., Any]) -> bool:
-    """True for the masks of ``hpt_dsl.estimator.mask`` (J a multiple of A); a mask registered
-    by a user may not be."""
+    """True for the masks of ``hpt_dsl.estimator.mask`` (J a multiple of A) and for a plugin's
+    mask that declares ``zero_at_zero_adv=True`` (``hpt-dsl verify`` checks that claim); a
+    mask registered otherwise may not be."""
+    if getattr(mask_fn, "declared", {}).get("zero_at_zero_adv"):
+        return True
     return getattr(mask_fn, "__module__", "") == "hpt_dsl.estimator.mask"
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-KINDS = ("mask", "denom", "adv", "grad", "agg", "kl")
+KINDS = ("mask", "denom", "adv", "grad", "agg", "kl", "stat")
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -156,6 +156,14 @@ class Let:
 
 
 @dataclass(frozen=True)
+class Use:
+    """``use "my_components.py"``: a plugin whose components the recipe may use."""
+
+    target: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class LossStmt:
     """``loss = expr``, or (``bare`` = True) a line that is only an expression."""
 
@@ -186,7 +194,7 @@ class Block:
     section_pos: Pos
 
 
-Stmt = Let | LossStmt | Setting | Block
+Stmt = Let | Use | LossStmt | Setting | Block
 
 
 @dataclass(frozen=True)

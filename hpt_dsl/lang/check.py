@@ -119,7 +119,13 @@ class Checker:
         settings: Settings | None,
         const_overrides: dict[str, ConstOverride] | None = None,
         set_sink: Sink | None = None,
+        vocab: dict[str, dict[str, Form]] | None = None,
+        stats: tuple[str, ...] = STATS,
     ) -> None:
+        self.vocab = VOCAB if vocab is None else vocab
+        """The component values this recipe may use: the language's, and its plugins'."""
+        self.stats = stats
+        """The statistics gates may read: the built-in ones, and its plugins'."""
         self.sink = sink
         self.scope = dict(scope)
         self.prelude = dict(scope)
@@ -175,7 +181,7 @@ class Checker:
                     let.name_pos,
                     hint="rename one of them",
                 )
-            elif let.name in STATS:
+            elif let.name in self.stats:
                 self.sink.error(
                     "E017",
                     f"'{let.name}' is a built-in statistic and cannot be redefined",
@@ -186,7 +192,7 @@ class Checker:
                 self.pending[let.name] = let.name_pos
         done: set[str] = set()
         for let in lets:
-            if let.name in done or let.name in STATS:
+            if let.name in done or let.name in self.stats:
                 continue
             done.add(let.name)
             value = self._guarded(lambda let=let: self.expr(let.value), let.pos) or BAD
@@ -241,7 +247,7 @@ class Checker:
                     f"constants: {one_of(consts) if consts else 'none'}"
                 )
             )
-            if name in STATS:
+            if name in self.stats:
                 message, hint = f"'{name}' is a statistic measured during training, not a constant", None
             else:
                 message = f"no constant named '{name}'"
@@ -275,7 +281,7 @@ class Checker:
             if isinstance(v, LossV) and b.pos.src == PRELUDE and self.settings is not None:
                 return LossV(self._recheck(self._in_recipe_constants(b).loss, node.pos))
             return v
-        if name in STATS:
+        if name in self.stats:
             return Scal(Stat(name))
         if name in self.pending:
             self.sink.error(
@@ -303,16 +309,16 @@ class Checker:
         return v if isinstance(v, LossV) else b.value  # type: ignore[return-value]
 
     def _name_hint(self, name: str) -> str:
-        for key, forms in VOCAB.items():
+        for key, forms in self.vocab.items():
             if name in forms:
                 return f"'{name}' is a value of the component '{key}': write {key}={name}"
         if name in KEYS:
             return f"'{name}' is a component: write it as {name}=<value>"
-        near = did_you_mean(name, list(self.scope) + list(STATS))
+        near = did_you_mean(name, list(self.scope) + list(self.stats))
         if near:
             return f"did you mean '{near}'?"
         estimators = [k for k, b in self.scope.items() if isinstance(b.value, EstV | LossV)]
-        return f"known estimators: {one_of(estimators)}; statistics: {one_of(STATS)}"
+        return f"known estimators: {one_of(estimators)}; statistics: {one_of(self.stats)}"
 
     def _components(self, node: ast.Components) -> Value:
         parts: dict[str, tuple[object, ast.Pos]] = {}
@@ -463,7 +469,7 @@ class Checker:
                 self._kind_error(
                     sub,
                     f"only numbers and statistics can be compared, not {_kind(v)}",
-                    f"compare a statistic ({one_of(STATS)}) with a number, e.g. `acc > 0`",
+                    f"compare a statistic ({one_of(self.stats)}) with a number, e.g. `acc > 0`",
                 )
                 return BAD
         return CondV(Compare(node.op, _scalar(left), _scalar(right)))  # type: ignore[arg-type]
@@ -509,7 +515,7 @@ class Checker:
             return BAD
         use = GateUse(conds, node.orelse)
         for _, cnode in conds:
-            _collect_stats(cnode, use)
+            _collect_stats(cnode, use, self.stats)
         self.gates.append(use)
         rules.check_reachable(self, use)
         return LossV(Gate(tuple(branches), orelse))
@@ -578,12 +584,12 @@ class Checker:
     def component(self, comp: ast.Component) -> object:
         """One ``key=value``: known key, known value, right arity, arguments in range."""
         key, v = comp.key, comp.value
-        if key not in VOCAB:
+        if key not in self.vocab:
             self.sink.error("E010", f"unknown component '{key}'", comp.key_pos, hint=_key_hint(key))
             return BAD
         if key == "entropy":
             return self._entropy(v)
-        forms = VOCAB[key]
+        forms = self.vocab[key]
         name = v.name
         if _is_number(name):
             if key == "denom" and float(name) == 1.0 and v.args is None:
@@ -759,11 +765,11 @@ def _scalar(v: Value) -> Scalar:
     return v.expr
 
 
-def _collect_stats(node: ast.Expr, use: GateUse) -> None:
+def _collect_stats(node: ast.Expr, use: GateUse, stats: tuple[str, ...]) -> None:
     stack: list[object] = [node]
     while stack:
         n = stack.pop()
-        if isinstance(n, ast.Ref) and n.name in STATS:
+        if isinstance(n, ast.Ref) and n.name in stats:
             use.stats.add(n.name)
             if n.name != "step" and use.stat_pos is None:
                 use.stat_pos = n.pos

@@ -47,6 +47,7 @@ CODES: dict[str, str] = {
     "E024": "incompatible components",
     "E025": "unknown loss function",
     "E026": "a joint normaliser over per-question and mini-batch terms",
+    "E050": "a plugin that cannot be read (missing, a syntax error, a bad declaration)",
     "E040": "unknown settings section",
     "E041": "unknown setting",
     "E042": "invalid setting value",

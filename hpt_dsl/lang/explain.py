@@ -16,6 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 from hpt_dsl.lang.components import KEY_MEANING, VOCAB, show
+from hpt_dsl.lang.plugins import vocabulary
 from hpt_dsl.lang.load import prelude_estimators
 from hpt_dsl.recipe import (
     STATS,
@@ -310,7 +311,7 @@ _ADV = {
 }
 
 
-def formula(s: EstimatorSpec) -> dict[str, str]:
+def formula(s: EstimatorSpec, vocab: dict[str, dict[str, Any]] = VOCAB) -> dict[str, str]:
     """The per-token gradient and the definitions it uses."""
     m, a = s.mask, s.mask.args
     ratio = "s" if s.denom == "pi_old_seq" else "r"
@@ -322,7 +323,10 @@ def formula(s: EstimatorSpec) -> dict[str, str]:
         factors.append(f"𝟙[Â>0 ⇒ r ≤ {num(1 + a[1])}; Â<0 ⇒ {num(1 - a[0])} ≤ r ≤ {num(a[2])}]")
     elif m.name == "cispo":
         factors.append(f"sg(min(r, {num(1 + a[0])}))")
-    pi_ref = {"pi_theta": "π_θ", "pi_old": "π_old", "pi_old_seq": "π_θ", "1": "1"}[s.denom]
+    elif m.name != "none":  # a plugin's mask: its declared formula
+        form = vocab["mask"][m.name]
+        factors.append((form.formula or f"𝟙_{m.name}") + (f" ({', '.join(num(x) for x in a)})" if a else ""))
+    pi_ref = {"pi_theta": "π_θ", "pi_old": "π_old", "pi_old_seq": "π_θ", "1": "1"}.get(s.denom, f"π_ref[{s.denom}]")
     if m.name == "cispo":
         pi_ref = "π_θ"
     if s.grad.name == "shaped":
@@ -334,7 +338,7 @@ def formula(s: EstimatorSpec) -> dict[str, str]:
         factors.append("(s/π_θ)")
     elif pi_ref != "1":
         factors.append(f"(1/{pi_ref})")
-    factors.append(_adv_text(s))
+    factors.append(_adv_text(s, vocab))
     factors.append("∇π_θ(y_t)")
     if ratio == "r" and (m.name in ("clip", "dual_clip", "cispo") or s.denom == "pi_old"):
         where.append("r = π_θ(y_t)/π_old(y_t)")
@@ -346,7 +350,7 @@ def formula(s: EstimatorSpec) -> dict[str, str]:
     if s.adv.name == "gae":
         where.append(VOCAB["adv"]["gae"].formula + f", γ = {num(s.adv.args[0])}, λ = {num(s.adv.args[1])}")
     out = {"gradient": "∇ℓ_t = " + " · ".join(factors), "where": "; ".join(where)}
-    agg = VOCAB["agg"][s.agg.name]
+    agg = vocab["agg"][s.agg.name]
     out["aggregate"] = agg.formula + (f", L = {num(s.agg.args[0])}" if s.agg.args else "")
     regs = []
     if s.kl is not None:
@@ -363,12 +367,15 @@ def formula(s: EstimatorSpec) -> dict[str, str]:
     return out
 
 
-def _adv_text(s: EstimatorSpec) -> str:
+def _adv_text(s: EstimatorSpec, vocab: dict[str, dict[str, Any]] = VOCAB) -> str:
     if s.adv.name == "const":
         return num(s.adv.args[0])
     if s.adv.name == "gae":
         return "Â_GAE"
-    return _ADV[s.adv.name]
+    if s.adv.name in _ADV:
+        return _ADV[s.adv.name]
+    text = vocab["adv"][s.adv.name].formula.removeprefix("Â = ")  # a plugin's advantage
+    return f"({text})" if text else f"Â_{s.adv.name}"
 
 
 # ----- normalisers ---------------------------------------------------------------------------------
@@ -419,7 +426,8 @@ def normalisers(loss: LossExpr) -> list[dict[str, str]]:
         members = [s for s, j, _ in found if joint is not None and j == joint]
         rows = {s.on for s in members} or {spec.on}
         union = "rollouts+demos" if len(rows) > 1 or "rollouts+demos" in rows else rows.pop()
-        formula_text, words = _COUNT[spec.agg.name]
+        formula_text, words = _COUNT.get(spec.agg.name, ("a_i(L_i, N_tokens({S}), N_seqs({S})) Σ_i Σ_t",
+                                                         "{s} tokens weighted by a plugin aggregation"))
         label = {"rollouts": "rollouts", "demos": "demos", "rollouts+demos": "rollouts+demos"}[union]
         scope = "all" if joint is not None and len(members) > 1 else label
         f = formula_text.format(S=scope + (", q" if pq else ""))
@@ -441,6 +449,7 @@ def normalisers(loss: LossExpr) -> list[dict[str, str]]:
 
 def explain(recipe: Recipe) -> dict[str, Any]:
     """All that ``hpt-dsl explain`` prints, JSON-ready."""
+    vocab, _ = vocabulary(recipe.plugins)
     estimators = []
     for name, s in recipe.estimators.items():
         comps = {k: show(getattr(s, k)) for k in ("mask", "denom", "adv", "grad", "agg", "on", "group", "kl")}
@@ -451,8 +460,8 @@ def explain(recipe: Recipe) -> dict[str, Any]:
             {
                 "name": name,
                 "components": comps,
-                "meaning": {k: _meaning(k, s) for k in comps},
-                "formula": formula(s),
+                "meaning": {k: _meaning(k, s, vocab) for k in comps},
+                "formula": formula(s, vocab),
                 "match": match_estimator(s, recipe.settings),
             }
         )
@@ -464,16 +473,17 @@ def explain(recipe: Recipe) -> dict[str, Any]:
         "needs": asdict(recipe.needs),
         "gate": gate_rows(recipe.loss),
         "normalisers": normalisers(recipe.loss),
+        "plugins": [p.summary() for p in recipe.plugins],
         "warnings": [d.to_dict() for d in recipe.warnings],
     }
 
 
-def _meaning(key: str, s: EstimatorSpec) -> str:
+def _meaning(key: str, s: EstimatorSpec, vocab: dict[str, dict[str, Any]] = VOCAB) -> str:
     if key == "entropy":
         return KEY_MEANING["entropy"]
     if key == "ent_weight":
-        return VOCAB["ent_weight"][s.ent_weight.name].meaning if s.ent_weight else KEY_MEANING[key]
+        return vocab["ent_weight"][s.ent_weight.name].meaning if s.ent_weight else KEY_MEANING[key]
     value = getattr(s, key)
     name = "none" if value is None else value.name if hasattr(value, "name") else str(value)
-    form = VOCAB[key].get(name)
+    form = vocab[key].get(name)
     return form.meaning if form is not None else KEY_MEANING[key]

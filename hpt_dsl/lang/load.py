@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 
-from hpt_dsl.lang import knobs, rules, settings_map
+from hpt_dsl.lang import knobs, plugins, rules, settings_map
 from hpt_dsl.lang.check import PRELUDE, Binding, Checker, EstV, LossV
 from hpt_dsl.lang.diagnostics import Diagnostic, RecipeError, Sink
 from hpt_dsl.lang.parse import parse
@@ -77,13 +77,19 @@ def _check_text(text: str, label: str, overrides: list[str], sink: Sink, set_sin
     entries, opened = settings_map.collect(module, sink)
     set_entries, consts = settings_map.parse_overrides(overrides, set_sink)
     settings = settings_map.build(entries, opened, set_entries)
-    ck = Checker(sink, prelude_scope(), settings, {c.name: c for c in consts}, set_sink)
+    found = plugins.load(module, label, sink)
+    if found is None:
+        return None
+    vocab, stats = plugins.vocabulary(found)
+    if settings is not None:
+        settings = plugins.with_rewards(settings, found)
+    ck = Checker(sink, prelude_scope(), settings, {c.name: c for c in consts}, set_sink, vocab, stats)
     try:
         loss = ck.run(module)
         if loss is None or sink.has_errors or set_sink.has_errors or settings is None:
             return None
         loss, estimators = name_estimators(loss)
-        needs = rules.needs(loss)
+        needs = rules.needs(loss, found)
         rules.check_recipe(ck, needs, {(e.section, e.key): e.key_pos for e in entries})
         knobs.check(settings, needs, module, entries + set_entries, sink)
     except RecursionError:
@@ -92,7 +98,7 @@ def _check_text(text: str, label: str, overrides: list[str], sink: Sink, set_sin
     if sink.has_errors:
         return None
     warnings = tuple(set_sink.items + sink.items)
-    return Recipe(loss, estimators, settings, needs, source=text, path=label, warnings=warnings)
+    return Recipe(loss, estimators, settings, needs, source=text, path=label, warnings=warnings, plugins=found)
 
 
 # ----- reading ----------------------------------------------------------------------------------

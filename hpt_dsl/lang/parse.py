@@ -275,6 +275,9 @@ class _ToAst(Transformer_NonRecursive):
     def let_stmt(self, meta: Any, c: list[Any]) -> ast.Let:
         return ast.Let(str(c[0]), c[1], self._pos(meta, *c), _tok_pos(c[0], self.src))
 
+    def use_stmt(self, meta: Any, c: list[Any]) -> ast.Use:
+        return ast.Use(_unescape(str(c[0])[1:-1]), self._pos(meta, *c))
+
     def loss_stmt(self, meta: Any, c: list[Any]) -> ast.LossStmt:
         return ast.LossStmt(c[0], self._pos(meta, *c))
 

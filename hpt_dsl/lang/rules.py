@@ -25,30 +25,30 @@ from typing import TYPE_CHECKING
 
 from hpt_dsl.lang import reach
 from hpt_dsl.lang.components import CLIP_MASKS, GROUP_ADVANTAGES, show
+from hpt_dsl.lang.plugins import Plugin
 from hpt_dsl.recipe import (
+    OLD_DENOMS,
     Arith,
     BoolOp,
     Compare,
     EstimatorSpec,
     Gate,
+    Joint,
     LossExpr,
     Needs,
-    Joint,
     Neg,
     Not,
+    PerQuestion,
     Scale,
     Stat,
-    PerQuestion,
     Sum,
     Term,
+    estimator_needs,
 )
 from hpt_dsl.settings import Settings
 
 if TYPE_CHECKING:
     from hpt_dsl.lang.check import Checker, EstV, GateUse
-
-OLD_DENOMS = ("pi_old", "pi_old_seq")
-
 
 def check_estimator(ck: Checker, est: EstV, s: EstimatorSpec) -> None:
     sink = ck.sink
@@ -231,6 +231,8 @@ def terms(loss: LossExpr) -> Iterator[Term]:
         elif isinstance(node, Gate):
             stack.append(node.orelse)
             stack.extend(b for _, b in reversed(node.branches))
+        elif isinstance(node, Joint | PerQuestion):
+            stack.append(node.loss)
 
 
 def stats_used(loss: LossExpr) -> set[str]:
@@ -249,6 +251,8 @@ def stats_used(loss: LossExpr) -> set[str]:
             stack.append(node.orelse)
             for c, b in node.branches:
                 stack += [c, b]
+        elif isinstance(node, Joint | PerQuestion):
+            stack.append(node.loss)
         elif isinstance(node, Arith | Compare):
             stack += [node.left, node.right]
         elif isinstance(node, Neg | Not):
@@ -258,22 +262,18 @@ def stats_used(loss: LossExpr) -> set[str]:
     return found
 
 
-def needs(loss: LossExpr) -> Needs:
+def needs(loss: LossExpr, plugins: tuple[Plugin, ...] = ()) -> Needs:
     """What a run of this loss needs: which rows, which extra forward passes and models."""
-    rollouts = demos = old = ref = critic = entropy = False
+    declared = {(d.kind, d.name): tuple(d.props.get("needs", ())) for p in plugins for d in p.components}
+    rollouts = demos = False
+    extra: set[str] = set()
     for t in terms(loss):
         s = t.estimator
         rollouts |= uses_rows(s, "rollouts")
         demos |= uses_rows(s, "demos")
-        old |= s.denom in OLD_DENOMS or s.mask.name == "cispo"
-        ref |= s.kl is not None
-        critic |= s.adv.name == "gae"
-        elif isinstance(node, Joint | PerQuestion):
-            stack.append(node.loss)
-        entropy |= s.entropy != 0 or s.ent_weight is not None
+        extra |= estimator_needs(s, declared)
     rollouts |= bool(stats_used(loss) - {"step"})
     return Needs(
-        rollouts=rollouts, demos=demos, old_logprobs=old, ref_model=ref, critic=critic, entropy=entropy
-    )
-        elif isinstance(node, Joint | PerQuestion):
-            stack.append(node.loss)
+        rollouts=rollouts, demos=demos, old_logprobs="old_logprobs" in extra, ref_model="ref_model" in extra,
+        critic="critic" in extra, entropy="entropy" in extra,
+    )  # fmt: skip
