@@ -60,8 +60,13 @@ def sft_update(model: Any, tokenizer: Any, steps: int, lr: float, seed: int) -> 
     model.eval()
 
 
-def hf_greedy(model: Any, prompt: list[int], max_new: int, eos: list[int]) -> tuple[tuple[int, ...], float]:
-    """transformers' greedy continuation, and the smallest top-1/top-2 logit gap on its path."""
+MARGIN = 1e-3
+"""A top-1/top-2 logit gap below this is a near-tie: float32 kernels of different CPUs, or of
+vLLM and transformers, may order the two tokens either way."""
+
+
+def hf_greedy(model: Any, prompt: list[int], max_new: int, eos: list[int]) -> tuple[tuple[int, ...], list[float]]:
+    """transformers' greedy continuation, and the top-1/top-2 logit gap at each of its steps."""
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]),
@@ -73,7 +78,7 @@ def hf_greedy(model: Any, prompt: list[int], max_new: int, eos: list[int]) -> tu
             return_dict_in_generate=True,
         )
     gaps = [float(z[0].topk(2).values.diff().abs()) for z in out.logits]
-    return tuple(out.sequences[0, len(prompt) :].tolist()), min(gaps)
+    return tuple(out.sequences[0, len(prompt) :].tolist()), gaps
 
 
 def learner_logprobs(model: Any, prompt: list[int], response: tuple[int, ...], tau: float) -> torch.Tensor:
@@ -121,12 +126,23 @@ def test_greedy_matches_transformers_before_and_after_three_updates(policy: Any,
     greedy = SamplingParams(n=1, top_k=1, max_new_tokens=24)
 
     def check() -> list[tuple[int, ...]]:
+        """Token for token up to the first near-tie of transformers' path (exclusive): past it
+        either order is right on some CPU, so the comparison stops there and says so."""
         got = engine.generate(prompts, greedy)
+        compared = total = 0
         for i, p in enumerate(prompts):
-            want, gap = hf_greedy(model, p, 24, engine.stop_token_ids)
-            assert gap > 1e-3, "the greedy path must have clear margins for an exact comparison"
-            assert got[i].token_ids == want, f"prompt {i}: vLLM {got[i].token_ids} != transformers {want}"
-            assert got[i].finish_reason == ("stop" if want[-1] in engine.stop_token_ids else "length")
+            want, gaps = hf_greedy(model, p, 24, engine.stop_token_ids)
+            tie = next((t for t, g in enumerate(gaps) if g <= MARGIN), len(want))
+            assert got[i].token_ids[:tie] == want[:tie], (
+                f"prompt {i}: vLLM {got[i].token_ids} != transformers {want} before the first near-tie (step {tie})"
+            )
+            if tie == len(want):
+                assert got[i].token_ids == want
+                assert got[i].finish_reason == ("stop" if want[-1] in engine.stop_token_ids else "length")
+            else:
+                print(f"prompt {i}: compared up to a near-tie at step {tie} (gap {gaps[tie]:.1e} <= {MARGIN})")
+            compared, total = compared + tie, total + len(want)
+        assert compared >= total // 2, f"only {compared} of {total} tokens before a near-tie: nothing proven"
         return [r.token_ids for r in got]
 
     original = {k: v.clone() for k, v in model.state_dict().items()}
