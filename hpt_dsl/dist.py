@@ -147,7 +147,7 @@ def sum_metrics(metrics: dict[str, float]) -> dict[str, float]:
     if not active():
         return dict(metrics)
     keys = _union_keys(list(metrics))
-    values = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    values = torch.tensor([float(metrics.get(k, 0.0)) for k in keys], dtype=torch.float64, device="cpu")
     total = all_reduce_sum(values)
     return {k: float(v) for k, v in zip(keys, total.tolist(), strict=True)}
 
@@ -226,10 +226,10 @@ def prepare(program: Any, **inputs: Any) -> Any:
 
 
 def _offset_groups(local: Tensor, gathered: Tensor, rows: list[int]) -> Tensor:
-    top = torch.tensor([int(local.max().item()) + 1 if local.numel() else 0], dtype=torch.long)
+    top = torch.tensor([int(local.max().item()) + 1 if local.numel() else 0], dtype=torch.long, device="cpu")
     tops, _ = all_gather_rows(top)
-    offsets = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), tops[:-1]]), 0)
-    per_row = torch.repeat_interleave(offsets, torch.tensor(rows))
+    offsets = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long, device="cpu"), tops[:-1]]), 0)
+    per_row = torch.repeat_interleave(offsets, torch.tensor(rows, device="cpu"))
     return gathered.to(torch.long) + per_row.to(gathered.device)
 
 

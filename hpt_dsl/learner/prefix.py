@@ -38,14 +38,15 @@ from hpt_dsl.models import plain_cache
 
 
 def distinct_prompts(mb: TrainBatch) -> tuple[Tensor, Tensor] | None:
-    """(rows of ``mb`` holding each distinct prompt, owner index of every row), or None when
-    no two rows share a prompt. A prompt is its ids and mask over the micro-batch's width."""
+    """(rows of ``mb`` holding each distinct prompt, owner index of every row), on ``mb``'s
+    device, or None when no two rows share a prompt. A prompt is its ids and mask over the
+    micro-batch's width. The learner passes the host copy of a micro-batch (no device sync)."""
     key = torch.cat([mb.prompt_ids, mb.prompt_mask], dim=1)
     uniq, owner = torch.unique(key, dim=0, return_inverse=True)
     if uniq.shape[0] == key.shape[0]:
         return None
-    first = torch.full((uniq.shape[0],), key.shape[0], dtype=torch.long)
-    first.scatter_reduce_(0, owner, torch.arange(key.shape[0]), reduce="amin")
+    first = torch.full((uniq.shape[0],), key.shape[0], dtype=torch.long, device=key.device)
+    first.scatter_reduce_(0, owner, torch.arange(key.shape[0], device=key.device), reduce="amin")
     return first, owner
 
 
@@ -56,6 +57,7 @@ def shared_prompt_logits(
     (B, T-1, V), computed with each distinct prompt (``rows``) run once and its cache shared
     by the rows that ``owner`` maps to it. None when the model's cache is not plain."""
     P, T = mb.prompt_ids.shape[1], mb.response_ids.shape[1]
+    rows = rows.to(mb.prompt_ids.device)
     p_ids, p_mask = mb.prompt_ids[rows].to(device), mb.prompt_mask[rows].to(device)
     out = model(
         input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask), use_cache=True, logits_to_keep=1
