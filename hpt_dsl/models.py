@@ -129,13 +129,14 @@ def load_local(path: Path, settings: ModelSettings | None = None) -> tuple[Any, 
         raise ModelError(
             f"model folder {path} has no config.json; point model.name at a Hugging Face checkpoint"
         )
-    overrides: dict[str, Any] = {}
-    if settings.rope_theta is not None:
-        overrides["rope_theta"] = settings.rope_theta
-    if settings.max_position_embeddings is not None:
-        overrides["max_position_embeddings"] = settings.max_position_embeddings
+    from transformers import AutoConfig
+
+    from hpt_dsl.hub import _apply_overrides
+
+    config = AutoConfig.from_pretrained(path)
+    _apply_overrides(config, settings)  # rope_theta lives in rope_parameters in newer configs
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, settings.dtype), **overrides)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, settings.dtype))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
