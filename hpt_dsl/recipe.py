@@ -96,6 +96,8 @@ class EstimatorSpec:
 
 
 OLD_DENOMS = ("pi_old", "pi_old_seq")
+GROUP_ADVANTAGES = ("group_norm", "group_mean", "rloo")
+"""Advantages computed within a question's group (they need group ids and n >= 2)."""
 
 
 def estimator_needs(s: EstimatorSpec, declared: dict[tuple[str, str], tuple[str, ...]] | None = None) -> set[str]:
@@ -260,3 +262,85 @@ class Recipe:
     """Warnings found by the checker (``hpt_dsl.lang.Diagnostic``); a recipe with errors is never built."""
     plugins: tuple[Any, ...] = field(default=(), compare=False)
     """The plugins its ``use`` lines name (``hpt_dsl.lang.plugins.Plugin``), imported by ``compile``."""
+
+
+# ----- one walk of the loss tree, one way to print a condition (checker, compiler, explain) -----
+
+
+def terms(loss: LossExpr) -> list[Term]:
+    """Every estimator term of a loss tree, left to right."""
+    out: list[Term] = []
+    stack: list[LossExpr] = [loss]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Term):
+            out.append(node)
+        elif isinstance(node, Scale | Joint | PerQuestion):
+            stack.append(node.loss)
+        elif isinstance(node, Sum):
+            stack.extend(reversed(node.items))
+        elif isinstance(node, Gate):
+            stack.append(node.orelse)
+            stack.extend(b for _, b in reversed(node.branches))
+    return out
+
+
+def stats_used(loss: LossExpr) -> set[str]:
+    """The statistics a loss tree's gate conditions and coefficients read."""
+    found: set[str] = set()
+    stack: list[object] = [loss]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Stat):
+            found.add(node.name)
+        elif isinstance(node, Scale):
+            stack += [node.coef, node.loss]
+        elif isinstance(node, Joint | PerQuestion):
+            stack.append(node.loss)
+        elif isinstance(node, Sum):
+            stack += list(node.items)
+        elif isinstance(node, Gate):
+            stack.append(node.orelse)
+            for c, b in node.branches:
+                stack += [c, b]
+        elif isinstance(node, Arith | Compare):
+            stack += [node.left, node.right]
+        elif isinstance(node, Neg | Not):
+            stack.append(node.operand)
+        elif isinstance(node, BoolOp):
+            stack += list(node.items)
+    return found
+
+
+def num(x: float) -> str:
+    """A number as the language writes it: 8, 0.2, 1e-06."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:.6g}"
+
+
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def show_scalar(x: Scalar, outer: int = 0) -> str:
+    """A scalar expression as the language writes it, with only the brackets it needs."""
+    if isinstance(x, Const):
+        return num(x.value)
+    if isinstance(x, Stat):
+        return x.name
+    if isinstance(x, Neg):
+        return f"-{show_scalar(x.operand, 3)}"
+    if isinstance(x, Arith):
+        p = _PREC[x.op]
+        text = f"{show_scalar(x.left, p)} {x.op} {show_scalar(x.right, p + 1)}"
+        return f"({text})" if p < outer else text
+    return "?"
+
+
+def show_cond(c: Cond) -> str:
+    """A condition as the language writes it (``acc > 0.125``); gate branches are named by it."""
+    if isinstance(c, Compare):
+        return f"{show_scalar(c.left)} {c.op} {show_scalar(c.right)}"
+    if isinstance(c, Not):
+        return f"not ({show_cond(c.operand)})"
+    if isinstance(c, BoolOp):
+        return f" {c.op} ".join(f"({show_cond(i)})" if isinstance(i, BoolOp) else show_cond(i) for i in c.items)
+    return "?"

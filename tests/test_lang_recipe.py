@@ -333,3 +333,14 @@ def test_an_override_reaches_a_user_constant_that_shadows_the_prelude() -> None:
     text = "let gamma = 0.5\nloss = if acc > gamma then grpo else sft"
     r = load_recipe(text=text, overrides=["gamma=0.25"])
     assert isinstance(r.loss, Gate) and r.loss.branches[0][0] == Compare(">", Stat("acc"), Const(0.25))
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES).glob("**/*.hpt")), ids=lambda p: p.name)
+def test_checker_and_compiler_agree_on_what_a_recipe_needs(path) -> None:
+    """One rule (hpt_dsl.recipe.estimator_needs) for the checker's needs and the compiler's."""
+    from hpt_dsl.estimator.compile import derive_needs
+
+    r = load_recipe(path)
+    derived = derive_needs(list(r.estimators.values()))
+    for field in ("old_logprobs", "ref_model", "critic", "entropy"):
+        assert getattr(derived, field) == getattr(r.needs, field), field

@@ -22,30 +22,8 @@ from hpt_dsl.estimator.gate import flatten, merged
 from hpt_dsl.estimator.plugins import declared_needs, import_plugins
 from hpt_dsl.estimator.program import CompiledTerm, LossOutput, LossProgram, Prepared
 from hpt_dsl.estimator.registry import lookup
-from hpt_dsl.recipe import EstimatorSpec, LossExpr, Needs, Recipe, Stat, Term, estimator_needs
+from hpt_dsl.recipe import EstimatorSpec, LossExpr, Needs, Recipe, Term, estimator_needs, stats_used
 from hpt_dsl.settings import Settings
-
-
-def _stats_used(loss: LossExpr) -> set[str]:
-    """Names of the statistics a loss tree reads."""
-    found: set[str] = set()
-
-    def walk(node: object) -> None:
-        if isinstance(node, Stat):
-            found.add(node.name)
-            return
-        if isinstance(node, (Term, str, int, float)) or node is None:
-            return
-        if isinstance(node, (tuple, list)):
-            for item in node:
-                walk(item)
-            return
-        if hasattr(node, "__dataclass_fields__"):
-            for f in node.__dataclass_fields__:
-                walk(getattr(node, f))
-
-    walk(loss)
-    return found
 
 
 def _check_spec(spec: EstimatorSpec, name: str) -> None:
@@ -100,7 +78,7 @@ def compile_loss(loss: LossExpr, settings: Settings | None = None, needs: Needs 
         )
     if needs is None:
         needs = derive_needs([t.spec for t in terms])
-    return LossProgram(terms, branches, settings, needs, _stats_used(loss))
+    return LossProgram(terms, branches, settings, needs, stats_used(loss))
 
 
 def compile_recipe(recipe: Recipe) -> LossProgram:

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hpt_dsl.lang.explain import show_cond
 from hpt_dsl.recipe import (
     Arith,
     BoolOp,
@@ -47,6 +46,7 @@ from hpt_dsl.recipe import (
     Sum,
     Term,
     Zero,
+    show_cond,
 )
 
 Stats = dict[str, Tensor]

@@ -31,10 +31,10 @@ from hpt_dsl.estimator.gate import Branch, Scope, WeightFn
 from hpt_dsl.estimator.plugins import declared_needs
 from hpt_dsl.estimator.registry import lookup
 from hpt_dsl.estimator.stats import question_stats
-from hpt_dsl.recipe import EstimatorSpec, Needs, estimator_needs
+from hpt_dsl.recipe import GROUP_ADVANTAGES, EstimatorSpec, Needs, estimator_needs
 from hpt_dsl.settings import CriticSettings, Settings
 
-GROUP_ADVS = ("group_norm", "group_mean", "rloo")
+GROUP_ADVS = GROUP_ADVANTAGES
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hpt_dsl.recipe import Call
+from hpt_dsl.recipe import GROUP_ADVANTAGES, Call  # noqa: F401  (re-exported)
 
 Check = Callable[[tuple[float, ...]], "tuple[int, str] | None"]
 """Range check on the arguments: None if fine, else (index of the bad argument, what is allowed)."""
@@ -335,4 +335,3 @@ def show(value: object) -> str:
     return "none" if value is None else str(value)
 
 
-GROUP_ADVANTAGES = ("group_norm", "group_mean", "rloo")

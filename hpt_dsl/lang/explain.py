@@ -16,15 +16,13 @@ from dataclasses import asdict
 from typing import Any
 
 from hpt_dsl.lang.components import KEY_MEANING, VOCAB, show
-from hpt_dsl.lang.plugins import vocabulary
 from hpt_dsl.lang.load import prelude_estimators
+from hpt_dsl.lang.plugins import vocabulary
 from hpt_dsl.recipe import (
     STATS,
     Arith,
     BoolOp,
     Compare,
-    Cond,
-    Const,
     EstimatorSpec,
     Gate,
     Joint,
@@ -33,12 +31,14 @@ from hpt_dsl.recipe import (
     Not,
     PerQuestion,
     Recipe,
-    Scalar,
     Scale,
     Stat,
     Sum,
     Term,
     Zero,
+    num,
+    show_cond,
+    show_scalar,
 )
 from hpt_dsl.settings import Settings
 
@@ -230,39 +230,6 @@ def _stats(x: object) -> set[str]:
 
 
 # ----- printing ---------------------------------------------------------------------------------
-
-
-def num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:.6g}"
-
-
-_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
-
-
-def show_scalar(x: Scalar, outer: int = 0) -> str:
-    if isinstance(x, Const):
-        return num(x.value)
-    if isinstance(x, Stat):
-        return x.name
-    if isinstance(x, Neg):
-        return f"-{show_scalar(x.operand, 3)}"
-    if isinstance(x, Arith):
-        p = _PREC[x.op]
-        text = f"{show_scalar(x.left, p)} {x.op} {show_scalar(x.right, p + 1)}"
-        return f"({text})" if p < outer else text
-    return "?"
-
-
-def show_cond(c: Cond) -> str:
-    if isinstance(c, Compare):
-        return f"{show_scalar(c.left)} {c.op} {show_scalar(c.right)}"
-    if isinstance(c, Not):
-        return f"not ({show_cond(c.operand)})"
-    if isinstance(c, BoolOp):
-        return f" {c.op} ".join(
-            f"({show_cond(i)})" if isinstance(i, BoolOp) else show_cond(i) for i in c.items
-        )
-    return "?"
 
 
 def show_loss(loss: LossExpr) -> str:

@@ -20,7 +20,6 @@ Recipe rule (``check_recipe``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from hpt_dsl.lang import reach
@@ -28,23 +27,13 @@ from hpt_dsl.lang.components import CLIP_MASKS, GROUP_ADVANTAGES, show
 from hpt_dsl.lang.plugins import Plugin
 from hpt_dsl.recipe import (
     OLD_DENOMS,
-    Arith,
-    BoolOp,
-    Compare,
     EstimatorSpec,
-    Gate,
-    Joint,
     LossExpr,
     Needs,
-    Neg,
-    Not,
-    PerQuestion,
-    Scale,
-    Stat,
-    Sum,
-    Term,
     estimator_needs,
 )
+from hpt_dsl.recipe import stats_used as recipe_stats_used
+from hpt_dsl.recipe import terms as recipe_terms
 from hpt_dsl.settings import Settings
 
 if TYPE_CHECKING:
@@ -217,49 +206,8 @@ def check_recipe(ck: Checker, needs: Needs, settings_pos: dict[tuple[str, str], 
 # ----- walking the loss tree -------------------------------------------------------------------
 
 
-def terms(loss: LossExpr) -> Iterator[Term]:
-    """Every estimator term of a loss tree, left to right."""
-    stack: list[LossExpr] = [loss]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Term):
-            yield node
-        elif isinstance(node, Scale):
-            stack.append(node.loss)
-        elif isinstance(node, Sum):
-            stack.extend(reversed(node.items))
-        elif isinstance(node, Gate):
-            stack.append(node.orelse)
-            stack.extend(b for _, b in reversed(node.branches))
-        elif isinstance(node, Joint | PerQuestion):
-            stack.append(node.loss)
-
-
-def stats_used(loss: LossExpr) -> set[str]:
-    """Statistics read by gate conditions and coefficients."""
-    found: set[str] = set()
-    stack: list[object] = [loss]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Stat):
-            found.add(node.name)
-        elif isinstance(node, Scale):
-            stack += [node.coef, node.loss]
-        elif isinstance(node, Sum):
-            stack += list(node.items)
-        elif isinstance(node, Gate):
-            stack.append(node.orelse)
-            for c, b in node.branches:
-                stack += [c, b]
-        elif isinstance(node, Joint | PerQuestion):
-            stack.append(node.loss)
-        elif isinstance(node, Arith | Compare):
-            stack += [node.left, node.right]
-        elif isinstance(node, Neg | Not):
-            stack.append(node.operand)
-        elif isinstance(node, BoolOp):
-            stack += list(node.items)
-    return found
+terms = recipe_terms
+stats_used = recipe_stats_used
 
 
 def needs(loss: LossExpr, plugins: tuple[Plugin, ...] = ()) -> Needs:
