@@ -36,8 +36,32 @@ def test_generated_config_follows_the_recipe() -> None:
     assert config["train_batch_size"] == 4 * 16 * 2
     assert config["zero_optimization"] == {"stage": 2}
     assert config["bf16"] == {"enabled": True}
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 weights, fp32 gradient sums
     assert config["gradient_clipping"] == 0.5
     assert "optimizer" not in config  # CPU: the learner passes torch.optim.AdamW
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradients_accumulate_in_fp32_at_every_stage(stage: int, precision: str) -> None:
+    """DeepSpeed's own parser reads the generated config as fp32 accumulation (with bf16
+    weights its engine then keeps fp32 gradient buffers: ZeRO-1's BF16 optimizer, ZeRO-2/3's
+    gradient_accumulation_dtype)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    s = settings(zero_stage=stage, precision=precision)
+    config = build_config(s, world_size=1, cuda=True)
+    parsed = DeepSpeedConfig({k: v for k, v in config.items() if k != "train_batch_size"})
+    assert parsed.grad_accum_dtype == "fp32"
+    assert parsed.bfloat16_config.enabled == (precision == "bf16")
+
+
+def test_bf16_without_zero_is_an_error() -> None:
+    """Without ZeRO DeepSpeed cannot accumulate bf16 gradients in fp32: refused, with the fix."""
+    with pytest.raises(DeepSpeedConfigError, match='learner.precision = "bf16" needs learner.zero_stage >= 1'):
+        build_config(settings(precision="bf16", zero_stage=0), world_size=1, cuda=False)
+    assert build_config(settings(precision="fp32", zero_stage=0), world_size=1, cuda=False)["data_types"] == {
+        "grad_accum_dtype": "fp32"}
 
 
 def test_cuda_config_uses_deepspeed_adamw_and_offload() -> None:

@@ -12,6 +12,9 @@ override costs a second, not a model load. The generated config (ZeRO stage ``s`
     zero_optimization.stage        = learner.zero_stage   (offload: optimizer to CPU, and the
                                                            parameters too at stage 3)
     bf16.enabled                   = learner.precision == "bf16"
+    data_types.grad_accum_dtype    = "fp32"  (gradients accumulate over micro-batches in fp32,
+                                              also with bf16 weights; DeepSpeed offers that
+                                              under ZeRO only, so bf16 needs stage >= 1)
     optimizer                      = AdamW(train.lr, train.betas, train.weight_decay)  on CUDA only;
                                      on CPU the learner passes torch.optim.AdamW instead
 
@@ -79,6 +82,7 @@ def generate(settings: Settings, world_size: int, cuda: bool) -> Config:
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": learner.precision == "bf16"},
+        "data_types": {"grad_accum_dtype": "fp32"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -284,4 +288,7 @@ def _settings_error(settings: Settings) -> str | None:
     if learner.offload and learner.zero_stage == 0:
         return "learner.offload = true needs learner.zero_stage >= 1 (ZeRO offloads optimizer state); " \
                "set learner.zero_stage = 2 or 3"
+    if learner.precision == "bf16" and learner.zero_stage == 0:
+        return "learner.precision = \"bf16\" needs learner.zero_stage >= 1: without ZeRO, DeepSpeed " \
+               "accumulates bf16 gradients in bf16; set learner.zero_stage = 1, 2 or 3"
     return None
