@@ -80,6 +80,12 @@ class RolloutEngine(ABC):
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Copy the learner's parameters (Hugging Face names) into the engine's model."""
 
+    @property
+    def lockstep(self) -> bool:
+        """True when every process must make the same ``generate`` calls, because each forward
+        pass needs all of them (the ``hf`` engine on a ZeRO-3 model over several processes)."""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release the engine's resources (memory, processes)."""
 

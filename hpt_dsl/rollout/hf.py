@@ -22,6 +22,17 @@ copied, in place (``_select_rows``).
 
 The engine samples with the learner's own model object, so after an update its weights
 are already current and ``load_weights`` only copies tensors that are not shared.
+
+Lockstep (a ZeRO-3 model over several processes). Every forward pass of a ZeRO-3 model
+gathers each layer's parameters from all processes, so every process must run the same
+number of forward passes, as transformers' ``synced_gpus`` generation does. Then, each
+process's calls of the sampling loop are padded to the largest count over processes, and
+after every step the processes agree (one all-reduce of a flag) whether any of them still
+has a running sequence; one that has none (or no prompt at all) keeps joining with a
+one-token forward pass whose output is dropped, until all are done. What each process
+samples is unchanged. Sampling runs under ``torch.no_grad`` (never ``inference_mode``: a
+ZeRO-3 model would gather its persistent parameters as inference tensors, which the next
+training forward cannot save for backward).
 """
 
 from __future__ import annotations
@@ -124,12 +135,29 @@ class HFRolloutEngine(RolloutEngine):
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         per_call = max(1, self.max_sequences // params.n)
+        starts = list(range(0, len(prompts), per_call))
+        lockstep = self.lockstep
+        if lockstep:  # every process runs as many calls as the busiest; the extra ones sample nothing
+            starts += [len(prompts)] * (_max_over_processes(len(starts), self._device()) - len(starts))
         out: list[Rollout] = []
-        for start in range(0, len(prompts), per_call):
+        for start in starts:
             chunk = prompts[start : start + per_call]
-            for r in self._generate(chunk, params, seed=params.seed + start):
+            for r in self._generate(chunk, params, seed=params.seed + start, lockstep=lockstep):
                 out.append(Rollout(r.prompt_index + start, r.token_ids, r.logprobs, r.finish_reason))
         return out
+
+    @property
+    def lockstep(self) -> bool:
+        return sharded_over_processes(self.model)
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _idle_forward(self, device: torch.device) -> None:
+        """One forward pass of one padding token, output dropped: a process's share of a
+        lockstep step in which it has nothing to sample."""
+        one = torch.full((1, 1), self.pad_id, dtype=torch.long, device=device)
+        self._forward(one, torch.ones_like(one), torch.zeros_like(one), None)
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any) -> tuple[Tensor, Any]:
         """(float logits of the last position, the KV cache) after feeding ``ids``."""
@@ -139,10 +167,16 @@ class HFRolloutEngine(RolloutEngine):
         )
         return out.logits[:, -1].float(), out.past_key_values
 
-    @torch.inference_mode()  # no autograd bookkeeping at all: nothing sampled here is differentiated
-    def _generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> list[Rollout]:
+    @torch.no_grad()  # not inference_mode: see the module docstring (ZeRO-3)
+    def _generate(
+        self, prompts: list[list[int]], params: SamplingParams, seed: int, lockstep: bool = False
+    ) -> list[Rollout]:
         n, steps, tau = params.n, params.max_new_tokens, params.temperature
-        device = next(self.model.parameters()).device
+        device = self._device()
+        if not prompts:  # lockstep only: join the other processes' forward passes
+            if lockstep:
+                self._idle(steps, device)
+            return []
         ids, mask = pad_left(prompts, self.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         B = len(prompts) * n
@@ -167,19 +201,26 @@ class HFRolloutEngine(RolloutEngine):
             pos = full_mask[:, :width].sum(1)  # position of the next token of each row
             for t in range(steps):
                 assert logits is not None
-                nxt, lp = _sample(logits / tau, params, gen)
-                tokens[rows, t] = nxt
-                logprobs[rows, t] = lp
-                done = torch.isin(nxt, eos)
-                if bool(done.any()):
-                    stopped[rows[done]] = True
-                    length[rows[done]] = t + 1
-                    order = _compact_order(done)
-                    rows, nxt, full_mask, pos = rows[order], nxt[order], full_mask[order], pos[order]
-                    if t + 1 < steps and order.numel():
-                        _select_rows(cache, order)
-                if t + 1 == steps or rows.numel() == 0:
+                if rows.numel():  # (in lockstep a process may be done while others run)
+                    nxt, lp = _sample(logits / tau, params, gen)
+                    tokens[rows, t] = nxt
+                    logprobs[rows, t] = lp
+                    done = torch.isin(nxt, eos)
+                    if bool(done.any()):
+                        stopped[rows[done]] = True
+                        length[rows[done]] = t + 1
+                        order = _compact_order(done)
+                        rows, nxt, full_mask, pos = rows[order], nxt[order], full_mask[order], pos[order]
+                        if t + 1 < steps and order.numel():
+                            _select_rows(cache, order)
+                if t + 1 == steps:  # the last step for every process: no vote
                     break
+                more = rows.numel() > 0
+                if not (_any_process(more, device) if lockstep else more):
+                    break
+                if not more:  # lockstep: done here, still running elsewhere
+                    self._idle_forward(device)
+                    continue
                 logits, cache = self._forward(nxt[:, None], full_mask[:, : width + t + 1], pos[:, None], cache)
                 pos = pos + 1
         finally:
@@ -196,6 +237,21 @@ class HFRolloutEngine(RolloutEngine):
             for row in range(B)
         ]
 
+    def _idle(self, steps: int, device: torch.device) -> None:
+        """A lockstep call without prompts: the prefill, then per step but the last one vote and,
+        while any process has a running sequence, one forward pass (``_generate``'s count)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if steps:
+                self._idle_forward(device)
+            for _ in range(steps - 1):
+                if not _any_process(False, device):
+                    break
+                self._idle_forward(device)
+        finally:
+            self.model.train(was_training)
+
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         params = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -203,3 +259,28 @@ class HFRolloutEngine(RolloutEngine):
                 target = params[name]
                 if target.data_ptr() != tensor.data_ptr():
                     target.copy_(tensor)
+
+
+def sharded_over_processes(model: Any) -> bool:
+    """True when ``model``'s parameters are ZeRO-3 partitions over several processes: then
+    every forward pass is collective, and sampling runs in lockstep."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized() and td.get_world_size() > 1):
+        return False
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _max_over_processes(value: int, device: torch.device) -> int:
+    """max over processes of ``value`` (one all-reduce)."""
+    import torch.distributed as td
+
+    on = device if td.get_backend() == "nccl" else torch.device("cpu")  # NCCL reduces on the GPU, gloo on the CPU
+    t = torch.full((1,), value, dtype=torch.long, device=on)
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _any_process(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is True on any process (one all-reduce)."""
+    return _max_over_processes(int(flag), device) > 0

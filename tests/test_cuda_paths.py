@@ -1,0 +1,93 @@
+"""What runs differently on CUDA, checked on the CPU: sampling in lockstep on a ZeRO-3 model
+over two processes (gloo)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hpt_dsl import dist, models
+from hpt_dsl.rollout.base import Rollout, SamplingParams
+from hpt_dsl.rollout.hf import HFRolloutEngine
+
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14, 15, 16, 17, 18]]
+PARAMS = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=7)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, Any]:
+    path = models.build_tiny(tmp_path_factory.mktemp("tiny") / "m", seed=0)
+    return (path, *models.load_local(path))
+
+
+# ----- lockstep sampling on a ZeRO-3 model ---------------------------------------------------
+
+
+def _share(rank: int) -> list[list[int]]:
+    """Rank 0 samples three prompts (two calls of the sampling loop), rank 1 one prompt."""
+    return PROMPTS[:3] if rank == 0 else PROMPTS[3:]
+
+
+def _sampler(engine: HFRolloutEngine, rank: int) -> HFRolloutEngine:
+    engine.max_sequences = 4  # 2 prompts x n=2 per call: rank 0 makes two calls, rank 1 one
+    if rank == 1:  # every token ends a sequence: rank 1 is done after one step, rank 0 is not
+        engine.eos_ids = set(range(engine.model.config.vocab_size))
+    return engine
+
+
+def _lockstep_worker(model_dir: str, out_dir: str) -> None:
+    from hpt_dsl.lang import load_recipe
+    from hpt_dsl.learner.deepspeed import DeepSpeedLearner
+
+    torch.manual_seed(0)
+    model, tok = models.load_local(Path(model_dir))
+    recipe = load_recipe(text="loss = grpo", overrides=["learner.engine=deepspeed", "learner.zero_stage=3"])
+    learner = DeepSpeedLearner(recipe, model, tok)
+    rank = dist.rank()
+    engine = _sampler(HFRolloutEngine(learner.model, tok), rank)
+    assert engine.lockstep and all(hasattr(p, "ds_id") for p in learner.model.parameters())
+    forwards = [0]
+    learner.model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    out: dict[str, Any] = {"rollouts": engine.generate(_share(rank), PARAMS)}
+    out["forwards"] = forwards[0]
+    out["none"] = engine.generate([] if rank == 1 else PROMPTS[:1], PARAMS)  # a process without prompts
+    out["forwards_none"] = forwards[0] - out["forwards"]
+    learner.close()
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_zero3_over_two_processes_samples_in_lockstep(tiny: tuple[Path, Any, Any], tmp_path: Path) -> None:
+    """The hf engine on a ZeRO-3 model partitioned over two processes: the processes have
+    different numbers of prompts and of sampling calls, one finishes after the first step and
+    one has no prompt at all; both run the same number of forward passes (no hang), and
+    each samples what one process with the whole model samples."""
+    path, model, tok = tiny
+    dist.spawn(_lockstep_worker, 2, str(path), str(tmp_path))
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert got[0]["forwards"] == got[1]["forwards"] > 2
+    assert got[0]["forwards_none"] == got[1]["forwards_none"] > 1
+    assert got[1]["none"] == []
+    for rank in (0, 1):
+        alone = _sampler(HFRolloutEngine(copy.deepcopy(model), tok), rank)
+        expected = alone.generate(_share(rank), PARAMS)
+        _same_rollouts(got[rank]["rollouts"], expected)
+    _same_rollouts(got[0]["none"], _sampler(HFRolloutEngine(model, tok), 0).generate(PROMPTS[:1], PARAMS))
+    assert all(r.finish_reason == "stop" and len(r.token_ids) == 1 for r in got[1]["rollouts"])
+    assert any(len(r.token_ids) > 1 for r in got[0]["rollouts"])
+
+
+def _same_rollouts(a: list[Rollout], b: list[Rollout]) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert (x.prompt_index, x.token_ids, x.finish_reason) == (y.prompt_index, y.token_ids, y.finish_reason)
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+
+
+def test_one_process_samples_without_lockstep(tiny: tuple[Path, Any, Any]) -> None:
+    _, model, tok = tiny
+    assert not HFRolloutEngine(model, tok).lockstep
