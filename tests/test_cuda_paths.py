@@ -1,5 +1,5 @@
 """What runs differently on CUDA, checked on the CPU: sampling in lockstep on a ZeRO-3 model
-over two processes (gloo)."""
+over two processes (gloo), and vLLM's wake-up after the cache is emptied."""
 
 from __future__ import annotations
 
@@ -91,3 +91,26 @@ def _same_rollouts(a: list[Rollout], b: list[Rollout]) -> None:
 def test_one_process_samples_without_lockstep(tiny: tuple[Path, Any, Any]) -> None:
     _, model, tok = tiny
     assert not HFRolloutEngine(model, tok).lockstep
+
+
+# ----- vLLM wakes up after the learner's cached blocks are returned ---------------------------
+
+
+def test_vllm_wakes_up_after_emptying_the_cuda_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpt_dsl.rollout.vllm import VLLMRolloutEngine
+
+    calls: list[str] = []
+
+    class LLM:
+        def wake_up(self, tags: list[str]) -> None:
+            calls.append(f"wake_up {tags}")
+
+    engine = object.__new__(VLLMRolloutEngine)
+    engine.llm, engine._asleep = LLM(), {"weights", "kv_cache"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    engine._wake(["weights"])
+    engine._wake()
+    assert calls == ["empty_cache", "wake_up ['weights']", "empty_cache", "wake_up ['kv_cache']"]
+    engine._wake()  # awake: nothing to do
+    assert len(calls) == 4

