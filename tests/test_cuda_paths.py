@@ -1,5 +1,6 @@
 """What runs differently on CUDA, checked on the CPU: sampling in lockstep on a ZeRO-3 model
-over two processes (gloo), and vLLM's wake-up after the cache is emptied."""
+over two processes (gloo), the ZeRO-3 model partitioned without moving it whole, and vLLM's
+wake-up after the cache is emptied."""
 
 from __future__ import annotations
 
@@ -86,6 +87,45 @@ def _same_rollouts(a: list[Rollout], b: list[Rollout]) -> None:
     for x, y in zip(a, b, strict=True):
         assert (x.prompt_index, x.token_ids, x.finish_reason) == (y.prompt_index, y.token_ids, y.finish_reason)
         assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+
+
+def _placement_worker(model_dir: str, out_dir: str) -> None:
+    """A ZeRO-3 learner built from a model on the host: which modules were moved whole."""
+    from hpt_dsl.lang import load_recipe
+    from hpt_dsl.learner.deepspeed import DeepSpeedLearner
+
+    moved: list[int] = []
+    to = torch.nn.Module.to
+
+    def spy(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        moved.append(id(self))
+        return to(self, *args, **kwargs)
+
+    torch.manual_seed(0)
+    model, tok = models.load_local(Path(model_dir))
+    torch.nn.Module.to = spy  # type: ignore[method-assign]
+    recipe = load_recipe(text="loss = grpo", overrides=["learner.engine=deepspeed", "learner.zero_stage=3",
+                                                         "learner.precision=bf16"])
+    learner = DeepSpeedLearner(recipe, model, tok)
+    torch.nn.Module.to = to  # type: ignore[method-assign]
+    params = list(learner.model.parameters())
+    out = {"moved_whole": id(model) in moved, "partitioned": all(hasattr(p, "ds_id") for p in params),
+           "local_numel": sum(p.data.numel() for p in params), "dtypes": sorted({str(p.dtype) for p in params}),
+           "buffers": sorted({str(b.dtype) for b in learner.model.buffers()})}
+    learner.close()
+    torch.save(out, Path(out_dir) / "placement.pt")
+
+
+@pytest.mark.slow
+def test_zero3_partitions_the_model_one_parameter_at_a_time(tiny: tuple[Path, Any, Any], tmp_path: Path) -> None:
+    """At stage 3 the learner partitions the host model itself: DeepSpeed's engine never moves the
+    whole module to the device (it would, for a model not built under zero.Init); the weights
+    are cast to bf16 on the host first, the buffers (rotary frequencies) stay float32."""
+    dist.spawn(_placement_worker, 1, str(tiny[0]), str(tmp_path))
+    out = torch.load(tmp_path / "placement.pt", weights_only=True)
+    assert out["partitioned"] and not out["moved_whole"]
+    assert out["local_numel"] == 0  # every parameter lives in its partition only
+    assert out["dtypes"] == ["torch.bfloat16"] and out["buffers"] == ["torch.float32"]
 
 
 def test_one_process_samples_without_lockstep(tiny: tuple[Path, Any, Any]) -> None:

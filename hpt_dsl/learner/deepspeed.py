@@ -16,7 +16,9 @@ engine. A non-finite loss turns the gradients to NaN, and a step with a non-fini
 gradient norm is skipped (DeepSpeed's overflow check; our own at ZeRO 0 in fp32).
 
 On CPU (tests, this machine) the engine runs on DeepSpeed's CPU accelerator with gloo and
-torch.optim.AdamW; on CUDA, NCCL and DeepSpeed's fused AdamW. Checkpoints are DeepSpeed's
+torch.optim.AdamW; on CUDA, NCCL and DeepSpeed's fused AdamW. The model arrives on the host:
+at stages 0-2 the engine moves it to the device; at stage 3 ``_partition`` partitions it one
+parameter at a time (never the whole model on one device). Checkpoints are DeepSpeed's
 own (every rank writes its shard; rank 0 the shared files), read back with
 ``torch.load(weights_only=True)``. ``save_pretrained`` consolidates the full-precision
 weights (gathered across ranks under ZeRO-3) into one Hugging Face checkpoint on rank 0.
@@ -135,8 +137,10 @@ class DeepSpeedLearner(TorchLearner):
             self.critic_engine = self._engine(deepspeed, self.critic, self.critic_optimizer, None,
                                               self.config)
             self.critic = self.critic_engine  # forwards go through the engine (ZeRO-3 hooks)
-        if self.ref is not None:
-            self.ref.to(self.device, torch.bfloat16 if self.bf16 else None)
+        if self.ref is not None:  # parameters in bf16 with the policy; buffers (rotary frequencies) as they are
+            self.ref.to(self.device)
+            for p in self.ref.parameters():
+                p.data = p.data.to(torch.bfloat16 if self.bf16 else p.dtype)
 
     @staticmethod
     def _engine(deepspeed: Any, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -144,6 +148,8 @@ class DeepSpeedLearner(TorchLearner):
         """One DeepSpeed engine. On CUDA the config names DeepSpeed's AdamW (with the torch
         optimizer's hyper-parameters) and the schedule is rebuilt on its optimizer."""
         config = json.loads(json.dumps(config))
+        if int(config["zero_optimization"]["stage"]) == 3:
+            _partition(deepspeed, module, config)
         if "optimizer" in config:
             section = config["optimizer"]
             section["params"] = {**section.get("params", {}), **_optimizer_params(optimizer)}
@@ -355,6 +361,33 @@ class DeepSpeedLearner(TorchLearner):
         for e in (self.engine, self.critic_engine):
             if e is not None and hasattr(e, "destroy"):
                 e.destroy()
+
+
+def _partition(deepspeed: Any, module: nn.Module, config: Config) -> None:
+    """ZeRO-3: partition ``module``'s parameters across the processes one at a time, each moved
+    to the device just before its own partitioning, so that no process ever holds the whole
+    model on its device (DeepSpeed's engine would first move the whole module there). The
+    parameters are cast to bf16 first when ``bf16.enabled`` (on the host), the buffers (such as
+    rotary frequencies) go to the device unpartitioned and uncast, as the engine would leave
+    them. A module built under ``deepspeed.zero.Init`` is already partitioned: left as it is."""
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        return
+    if config.get("bf16", {}).get("enabled"):
+        for p in module.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
+    offload = config["zero_optimization"].get("offload_param") or {}
+    remote = offload.get("device") if offload.get("device") not in (None, "none") else None
+    dtype = next(module.parameters()).dtype
+    deepspeed.zero.Init(module=module, config_dict_or_path=config, remote_device=remote,
+                        pin_memory=bool(offload.get("pin_memory", False)), dtype=dtype)
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().device_name(dist.local_rank()))
+    for m in module.modules():
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = b.to(device)
 
 
 def _zero(x: Tensor) -> Tensor:
