@@ -99,7 +99,9 @@ class TrainSettings(_Section):
 
     steps: int = Field(300, ge=1)
     questions: int = Field(32, ge=1, description="questions sampled per step")
-    mini_batches: int = Field(1, ge=1, description="optimizer steps per rollout batch per epoch")
+    mini_batches: int = Field(
+        2, ge=1, description="optimizer steps per rollout batch per epoch (the HPT paper: 2, so the clip acts)"
+    )
     micro_batch: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
     epochs: int = Field(1, ge=1, description="update epochs over each rollout batch")
     lr: float = Field(3e-3, gt=0)

@@ -274,11 +274,12 @@ def test_reachable_gates_do_not_warn() -> None:
 
 
 def test_clip_with_one_update_per_batch_has_no_effect() -> None:
-    d = one("loss = grpo", "W032")
+    assert [x for x in diags("loss = grpo") if x.code == "W032"] == []  # the default: 2 mini-batches
+    d = one("loss = grpo\ntrain.mini_batches = 1", "W032")
     assert d.message.startswith("mask=clip(0.2) has no effect in this run")
     assert at(d) == (1, 8) and d.hint is not None and "train.mini_batches" in d.hint
     for fix in ("train.epochs = 2", "train.mini_batches = 4", "rollout.old_logprobs = engine"):
-        assert [x for x in diags(f"loss = grpo\n{fix}") if x.code == "W032"] == [], fix
+        assert [x for x in diags(f"loss = grpo\ntrain.mini_batches = 1\n{fix}") if x.code == "W032"] == [], fix
 
 
 def test_other_knobs_with_no_effect() -> None:
@@ -299,5 +300,5 @@ def test_errors_raise_recipe_error_with_every_diagnostic() -> None:
 
 
 def test_warnings_are_on_the_recipe() -> None:
-    recipe = load_recipe(text="loss = grpo")
+    recipe = load_recipe(text="loss = grpo\ntrain.mini_batches = 1")
     assert [w.code for w in recipe.warnings] == ["W032"]
