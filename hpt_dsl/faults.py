@@ -24,9 +24,7 @@ from pathlib import Path
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 _DISK_WORDS = ("no space left", "os error 28", "disk quota", "file too large", "input/output error",
                "read-only file system", "file write failed")
-_PEER_WORDS = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
-               "socket closed", "nccl communicator was aborted", "ncclremoteerror", "ncclsystemerror",
-               "failed to recv", "failed to send", "timed out")
+_PEER_WORDS = ("gloo", "nccl", "connection closed by peer", "connection reset by peer")
 
 
 class RunFault(RuntimeError):
@@ -93,10 +91,12 @@ def space_warning(run_dir: Path, checkpoint: int, final_model: int) -> str | Non
 
 
 def is_lost_peer(err: BaseException) -> bool:
-    """The error a collective raises when another process of the run has gone."""
-    name = type(err).__name__
-    text = str(err).lower()
-    return name in ("DistBackendError", "DistNetworkError") or any(w in text for w in _PEER_WORDS)
+    """The error a collective raises when another process of the run has gone: torch's
+    distributed errors, or a RuntimeError from the gloo / NCCL backend (an error of the user's
+    reward that mentions a connection is not one)."""
+    if type(err).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"):
+        return True
+    return isinstance(err, RuntimeError) and any(w in str(err).lower() for w in _PEER_WORDS)
 
 
 def lost_peer(err: BaseException, rank: int, world: int, then: str) -> RunFault:
