@@ -31,10 +31,12 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
         models.ModelError,
         hub.ModelError,
         DataError,
+    from hpt_dsl.errors import InputError
         RewardError,
         SetupError,
         RolloutEngineError,
         FileNotFoundError,
+        InputError,
     )
 
 

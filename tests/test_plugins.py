@@ -263,3 +263,22 @@ def test_diff_of_hpt_and_its_released_form_and_of_settings() -> None:
     assert ("sft", "sft") in names and ("hpt_rl", "hpt_code_rl") in names
     code, out = cli("diff", str(ROOT / "recipes" / "grpo.hpt"), str(ROOT / "recipes" / "paper" / "grpo.hpt"))
     assert code == 0 and "settings that differ" in out and "train.lr" in out and "≠ entropy" in out
+
+
+def test_a_run_with_a_broken_plugin_says_so_in_one_line(tmp_path: Path) -> None:
+    """A plugin that fails to import: exit 2 before training; a component that raises during a
+    step: exit 3 (a run fault); one line each, no traceback."""
+    (tmp_path / "broken.py").write_text(HEAD + "raise ImportError('no such thing')\n\n@component('adv', 'x')\n"
+                                        "def x(inp):\n    return inp.rewards\n", encoding="utf-8")  # fmt: skip
+    (tmp_path / "boom.py").write_text(HEAD + "@component('adv', 'boom')\ndef boom(inp):\n"
+                                      "    raise KeyError('rewards')\n", encoding="utf-8")  # fmt: skip
+    (tmp_path / "broken.hpt").write_text('use "broken.py"\nloss = grpo adv=x\n', encoding="utf-8")
+    (tmp_path / "boom.hpt").write_text('use "boom.py"\nloss = grpo adv=boom\n', encoding="utf-8")
+    for name, code, needle in (("broken", 2, "plugin 'broken.py' failed to import: ImportError: no such thing"),
+                               ("boom", 3, "adv=boom (plugin 'boom.py', function boom) raised KeyError")):
+        out = subprocess.run(
+            [sys.executable, "-m", "hpt_dsl.cli.main", "run", f"{name}.hpt", "--set", "train.steps=1",
+             "--set", "train.questions=2", "--set", "train.eval_every=0", "-o", str(tmp_path / name), "--quiet"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )  # fmt: skip
+        assert out.returncode == code and needle in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]

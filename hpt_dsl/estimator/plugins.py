@@ -18,18 +18,20 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from hpt_dsl.errors import InputError
 from hpt_dsl.estimator.registry import _REGISTRY
+from hpt_dsl.faults import RunFault
 
 ESTIMATOR_KINDS = ("mask", "denom", "adv", "grad", "agg", "kl", "stat")
 _DECLARED_NEEDS: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
-class PluginLoadError(ValueError):
-    """A plugin that cannot be imported or does not match its declaration."""
+class PluginLoadError(InputError):
+    """A plugin that cannot be imported or does not match its declaration (exit code 2)."""
 
 
-class PluginCallError(RuntimeError):
-    """A plugin's component raised while the loss program ran it."""
+class PluginCallError(RunFault):
+    """A plugin's component raised while the loss program ran it (exit code 3)."""
 
 
 def declared_needs() -> dict[tuple[str, str], tuple[str, ...]]:
