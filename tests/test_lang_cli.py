@@ -52,7 +52,8 @@ EXPECTED = {
     "reinforce_pp": "reinforce_pp",
     "srft": "srft",
     "luffy": "luffy",
-    "hpt": "hpt",
+    "hpt": "hpt_grpo",
+    "hpt_paper": "hpt",
     "hpt_code": "hpt_code",
     "luffy_code": "luffy_code",
     "hpt_gamma_1_8": "hpt",
@@ -71,7 +72,7 @@ def test_explain_names_the_algorithm(name: str) -> None:
 
 
 def test_explain_prints_components_formula_gate_and_needs() -> None:
-    code, out = run("explain", str(ROOT / "recipes" / "hpt.hpt"))
+    code, out = run("explain", str(ROOT / "recipes" / "hpt_paper.hpt"))
     assert code == 0, out
     assert "algorithm: hpt — Hybrid Post-Training (Lv et al. 2025)" in out
     assert "acc > 0" in out and "otherwise" in out
@@ -80,13 +81,13 @@ def test_explain_prints_components_formula_gate_and_needs() -> None:
     assert "old logprobs" in out and "critic" in out
 
 
-@pytest.mark.parametrize("name", ["hpt", "hpt_code", "luffy", "luffy_code"])
+@pytest.mark.parametrize("name", ["hpt_paper", "hpt_code", "luffy", "luffy_code"])
 def test_explain_prints_each_terms_normaliser(name: str) -> None:
     """Which tokens each term sums and what it divides by, in words and as a formula."""
     code, out = run("explain", str(ROOT / "recipes" / f"{name}.hpt"), "--json")
     assert code == 0, out
     rows = {r["term"]: r for r in json.loads(out)["normalisers"]}
-    if name == "hpt":
+    if name == "hpt_paper":
         assert rows["hpt_rl"]["formula"] == "(1/Q) Σ_q (1/N_seqs(rollouts, q)) Σ_i Σ_t"
         assert rows["sft"]["formula"] == "(1/Q) Σ_q (1/N_tokens(demos, q)) Σ_i Σ_t"
         assert "each weighs 1/Q" in rows["sft"]["words"]

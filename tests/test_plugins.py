@@ -256,7 +256,7 @@ def test_diff_shows_the_std_division_and_the_aggregation() -> None:
 
 
 def test_diff_of_hpt_and_its_released_form_and_of_settings() -> None:
-    code, out = cli("diff", str(ROOT / "recipes" / "hpt.hpt"), str(ROOT / "recipes" / "hpt_code.hpt"), "--json")
+    code, out = cli("diff", str(ROOT / "recipes" / "hpt_paper.hpt"), str(ROOT / "recipes" / "hpt_code.hpt"), "--json")
     info = json.loads(out)
     assert code == 0 and info["algorithm"] == ["hpt", "hpt_code"]
     names = [(p["a"], p["b"]) for p in info["estimators"]]

@@ -62,6 +62,8 @@ PAPERS: dict[str, str] = {
     "srft": "SRFT (Fu et al. 2025), as the paper writes it: entropy-weighted SFT, off-policy and on-policy terms",
     "srft_offline": "SRFT's off-policy form: LUFFY's on-policy part and the unshaped demonstration",
     "hpt": "Hybrid Post-Training (Lv et al. 2025)",
+    "hpt_grpo": "Hybrid Post-Training (Lv et al. 2025) with each branch averaged over its own rows: GRPO on "
+    "the solved questions' rollouts, SFT on the others' demonstrations (not the paper's per-question loss)",
     "hpt_code": "Hybrid Post-Training (Lv et al. 2025), as the authors' released script runs it: no std, no "
     "clip, token sum / max_new_tokens, SFT token mean, entropy bonus 0.001",
 }
