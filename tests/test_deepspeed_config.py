@@ -29,11 +29,12 @@ def with_override(tmp_path: Path, override: object, **learner: object) -> Settin
 def test_generated_config_follows_the_recipe() -> None:
     s = settings(zero_stage=2, precision="bf16")
     s.train.micro_batch, s.train.questions, s.rollout.n, s.train.grad_clip = 4, 16, 8, 0.5
+    s.train.mini_batches = 2
     config = generate(s, world_size=2, cuda=False)
-    # 16 questions * 8 rollouts = 128 rows; 128 / (4 * 2) = 16 accumulation steps
+    # 16 questions * 8 rollouts / 2 mini-batches = 64 rows; 64 / (4 * 2) = 8 accumulation steps
     assert config["train_micro_batch_size_per_gpu"] == 4
-    assert config["gradient_accumulation_steps"] == 16
-    assert config["train_batch_size"] == 4 * 16 * 2
+    assert config["gradient_accumulation_steps"] == 8
+    assert config["train_batch_size"] == 4 * 8 * 2
     assert config["zero_optimization"] == {"stage": 2}
     assert config["bf16"] == {"enabled": True}
     assert config["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 weights, fp32 gradient sums
