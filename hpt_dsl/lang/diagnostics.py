@@ -53,6 +53,7 @@ CODES: dict[str, str] = {
     "E042": "invalid setting value",
     "E043": "setting given twice",
     "E044": "malformed --set override",
+    "E045": "DAPO sampling settings that cannot work (one rollout per group, an overlong cache past the budget)",
     "W030": "gate branch that can never be taken",
     "W031": "clip mask with denom=pi_theta (the ratio is identically 1)",
     "W032": "knob with no effect in the configured run",

@@ -14,8 +14,10 @@ Estimator rules (``check_estimator``):
 Gate rules:
     W030  a branch that can never be taken (reach.py)
     E023  a gate on a rollout statistic in a recipe where no estimator uses rollouts
-Recipe rule (``check_recipe``):
+Recipe rules (``check_recipe``):
     W032  pi_old from engine log-probs under top_p / top_k sampling
+    E045  dynamic sampling with rollout.n = 1; rollout.overlong_cache > rollout.max_new_tokens
+    W032  dynamic sampling, overlong shaping or truncation masking in a recipe without rollouts
 """
 
 from __future__ import annotations
@@ -189,6 +191,7 @@ def check_gates_need_rollouts(ck: Checker, loss: LossExpr) -> None:
 
 
 def check_recipe(ck: Checker, needs: Needs, settings_pos: dict[tuple[str, str], object]) -> None:
+    check_sampling(ck, needs, settings_pos)
     st = ck.settings
     if st is None or not needs.old_logprobs or st.rollout.old_logprobs != "engine":
         return
@@ -200,6 +203,40 @@ def check_recipe(ck: Checker, needs: Needs, settings_pos: dict[tuple[str, str], 
             "the engine renormalises over the kept tokens, so its log-probs are not π_old",
             pos,
             hint="set rollout.old_logprobs = learner, or sample with top_p = 1 and top_k = 0",
+        )
+
+
+def check_sampling(ck: Checker, needs: Needs, settings_pos: dict[tuple[str, str], object]) -> None:
+    """The DAPO settings of ``rollout`` (hpt_dsl.sampling) against the run they are in."""
+    if ck.settings is None:
+        return
+    r = ck.settings.rollout
+    if not needs.rollouts:
+        for key, on in (("dynamic_sampling", r.dynamic_sampling), ("overlong_cache", r.overlong_cache > 0),
+                        ("mask_truncated", r.mask_truncated)):  # fmt: skip
+            if on:
+                ck.sink.warning(
+                    "W032",
+                    f"rollout.{key} has no effect: no estimator of this recipe learns from rollouts",
+                    settings_pos.get(("rollout", key)),
+                    hint=f"remove rollout.{key}, or add an estimator on rollouts (e.g. dapo)",
+                )
+        return
+    if r.dynamic_sampling and r.n < 2:
+        ck.sink.error(
+            "E045",
+            "rollout.dynamic_sampling with rollout.n = 1: the rewards of a one-rollout group always agree, "
+            "so every question would be dropped",
+            settings_pos.get(("rollout", "dynamic_sampling")) or settings_pos.get(("rollout", "n")),
+            hint="sample several rollouts per question (rollout.n = 8; DAPO samples 16)",
+        )
+    if r.overlong_cache > r.max_new_tokens:
+        ck.sink.error(
+            "E045",
+            f"rollout.overlong_cache = {r.overlong_cache} is longer than the budget rollout.max_new_tokens = "
+            f"{r.max_new_tokens}: the length penalty would cover more than the whole response",
+            settings_pos.get(("rollout", "overlong_cache")) or settings_pos.get(("rollout", "max_new_tokens")),
+            hint="set rollout.overlong_cache to at most rollout.max_new_tokens (DAPO: 4096 of 20480)",
         )
 
 
