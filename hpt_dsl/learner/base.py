@@ -99,15 +99,39 @@ class Learner(ABC):
         """Release resources (process groups, memory)."""
 
 
+TOTAL = "\0total"
+"""The key under which a learner sums its micro-batch losses next to the metrics (not a metric)."""
+
+
+def add_metrics(sums: dict[str, Tensor], metrics: dict[str, Tensor]) -> None:
+    """``sums[k] += metrics[k]`` in float64, on the metrics' device: an update's micro-batch
+    metrics add up there without one host synchronisation per micro-batch or metric."""
+    for k, v in metrics.items():
+        v = v.detach().double()
+        sums[k] = v.clone() if k not in sums else sums[k].add_(v)
+
+
+def read_metrics(sums: dict[str, Tensor]) -> dict[str, float]:
+    """The summed metrics as Python floats, read back in one transfer."""
+    if not sums:
+        return {}
+    import torch
+
+    values = torch.stack([v.reshape(()).double() for v in sums.values()]).tolist()
+    return dict(zip(sums, values, strict=True))
+
+
 def add_prepared_metrics(metrics: dict[str, float], prep: Any) -> dict[str, float]:
     """Complete the summed ``loss`` metrics of an update with what ``prep`` knows of the whole
     mini-batch: the per-row shares of batch metrics (over every row, used or not), the
     metric shares of the silent rows (added to the forwarded rows' values of the same name),
-    and a loss of exactly 0 for every term when no row was forwarded."""
-    for k, share in prep.row_metrics.items():
-        metrics[k] = float(share.sum())
-    for k, share in prep.silent_metrics.items():
-        metrics[k] = metrics.get(k, 0.0) + float(share.sum())
+    and a loss of exactly 0 for every term when no row was forwarded. The shares are summed
+    on the device and read back in one transfer."""
+    whole = read_metrics({k: share.sum() for k, share in prep.row_metrics.items()})
+    silent = read_metrics({k: share.sum() for k, share in prep.silent_metrics.items()})
+    metrics.update(whole)
+    for k, v in silent.items():
+        metrics[k] = metrics.get(k, 0.0) + v
     for name in ("loss", *(f"loss/{term}" for term in prep.weights)):
         metrics.setdefault(name, 0.0)
     return metrics

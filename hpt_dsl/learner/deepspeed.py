@@ -18,7 +18,9 @@ gradient norm is skipped (DeepSpeed's overflow check; our own at ZeRO 0 in fp32)
 On CPU (tests, this machine) the engine runs on DeepSpeed's CPU accelerator with gloo and
 torch.optim.AdamW; on CUDA, NCCL and DeepSpeed's fused AdamW. The model arrives on the host:
 at stages 0-2 the engine moves it to the device; at stage 3 ``_partition`` partitions it one
-parameter at a time (never the whole model on one device). Checkpoints are DeepSpeed's
+parameter at a time (never the whole model on one device). Per update the learner reads the
+batch back to the host once (widths, token counts, distinct prompts) and sums the loss and
+metrics on the device, read once: no host synchronisation per micro-batch. Checkpoints are DeepSpeed's
 own (every rank writes its shard; rank 0 the shared files), read back with
 ``torch.load(weights_only=True)``. ``save_pretrained`` consolidates the full-precision
 weights (gathered across ranks under ZeRO-3) into one Hugging Face checkpoint on rank 0.
@@ -38,12 +40,14 @@ from torch import Tensor, nn
 
 from hpt_dsl import dist
 from hpt_dsl.batch import TrainBatch, used_rows
-from hpt_dsl.learner.base import UpdateResult, add_prepared_metrics
+from hpt_dsl.learner.base import TOTAL, UpdateResult, add_metrics, add_prepared_metrics, read_metrics
 from hpt_dsl.learner.ds_config import Config, build_config
 from hpt_dsl.learner.torch import TorchLearner
 from hpt_dsl.recipe import Recipe
 
 STATE_FILE = "deepspeed.json"
+TOKENS = "\0tokens"
+"""The key under which an update's token count travels with the metrics (not a metric)."""
 
 
 def import_deepspeed() -> Any:
@@ -174,7 +178,7 @@ class DeepSpeedLearner(TorchLearner):
     def logprobs(self, batch: TrainBatch, which: Literal["policy", "ref"] = "policy") -> Tensor:
         if which == "ref":
             return super().logprobs(batch, "ref")  # the frozen copy: a plain module, no collectives
-        return self._collective_pass(batch, lambda mb: self._logprobs(self.engine, mb, False)[0])
+        return self._collective_pass(batch, lambda mb, host: self._logprobs(self.engine, mb, False, host)[0])
 
     @torch.no_grad()
     def values(self, batch: TrainBatch) -> Tensor:
@@ -187,53 +191,55 @@ class DeepSpeedLearner(TorchLearner):
         all ranks, so every rank runs as many passes as the busiest (extra ones on one row)."""
         out = self._no_grad_pass(batch, fn)
         if self.zero_stage == 3:
-            mine = len(self._micro_batches(batch, torch.arange(len(batch))))
+            mine = -(-len(batch) // self.settings.train.micro_batch)  # the micro-batches of _no_grad_pass
             for _ in range(dist.all_reduce_max(mine) - mine):
-                fn(self._filler(batch))
+                filler = self._filler()
+                fn(filler, filler)
         return out
 
-    def _filler(self, batch: TrainBatch) -> TrainBatch:
-        """A one-row batch for a rank's extra (0-weight) passes."""
-        if len(batch):
-            return batch.select(torch.tensor([0]))
-        pad = int(self.tokenizer.pad_token_id or 0)
-        one = torch.tensor([[pad]])
+    def _filler(self) -> TrainBatch:
+        """A one-row batch (one padding token as prompt and as response) for a rank's extra
+        (0-weight) passes; on the CPU, where ``_logprobs`` and ``_values`` move what they use."""
+        pad = int(self.tokenizer.pad_token_id or 0) if self.tokenizer is not None else 0
+        one = torch.full((1, 1), pad, dtype=torch.long, device="cpu")
         return TrainBatch(prompt_ids=one, prompt_mask=torch.ones_like(one), response_ids=one,
-                          response_mask=torch.zeros_like(one), group_ids=torch.zeros(1, dtype=torch.long),
-                          is_demo=torch.zeros(1, dtype=torch.bool), rewards=torch.zeros(1))
+                          response_mask=torch.zeros_like(one), group_ids=torch.zeros_like(one[0]),
+                          is_demo=torch.zeros_like(one[0], dtype=torch.bool),
+                          rewards=torch.zeros_like(one[0], dtype=torch.float32))
 
     # ----- one optimizer step ----------------------------------------------------------------
 
     def update(self, batch: TrainBatch, program: Any, prep: Any) -> UpdateResult:
         rows = used_rows(prep)
-        chunks: list[Tensor | None] = list(self._micro_batches(batch, rows))
+        host = batch.to("cpu")  # widths, token counts and prompts read on the host: one copy
+        chunks: list[Tensor | None] = list(self._micro_batches(host, rows))
         n = dist.all_reduce_max(len(chunks))
         chunks += [None] * (n - len(chunks))
         engines = [e for e in (self.engine, self.critic_engine) if e is not None]
         if n == 0:  # no row carries weight on any rank: as the plain learner, nothing moves
             return self._empty_update(prep, engines)
-        metrics: dict[str, float] = {}
-        total = torch.zeros((), dtype=torch.float64)
+        sums: dict[str, Tensor] = {}  # the loss and metrics, summed on the device, read once
         tokens = 0
         for i, idx in enumerate(chunks):
             for e in engines:
                 e.set_gradient_accumulation_boundary(i == n - 1)
-            policy_loss, value_loss = self._micro_loss(batch, program, prep, idx, metrics)
+            host_mb = self._filler() if idx is None else host.select(idx)
+            policy_loss, value_loss = self._micro_loss(batch, host_mb, program, prep, idx, sums)
             if idx is not None:
-                total += policy_loss.detach().double().cpu() / self.world
-                tokens += batch.select(idx).n_tokens
-            if not torch.isfinite(policy_loss.detach()) or (
-                    value_loss is not None and not torch.isfinite(value_loss.detach())):
-                policy_loss, value_loss = _poisoned(policy_loss), _poisoned(value_loss)
+                tokens += host_mb.n_tokens
+            policy_loss, value_loss = _poison_unless_finite(policy_loss, value_loss)
             self.engine.backward(policy_loss, scale_wrt_gas=False)
             if self.critic_engine is not None and value_loss is not None:
                 self.critic_engine.backward(value_loss, scale_wrt_gas=False)
+        metrics = read_metrics(sums)
+        total = metrics.pop(TOTAL, 0.0)
         add_prepared_metrics(metrics, prep)
         metrics["rows_used"] = float(rows.numel())
-        metrics = dist.sum_metrics(metrics)
-        tokens = int(dist.all_reduce_sum(torch.tensor(float(tokens))).item())
-        total = dist.all_reduce_sum(total)
-        norms, skipped = self._step(engines, bool(torch.isfinite(total)))
+        metrics[TOKENS] = float(tokens)
+        metrics[TOTAL] = total
+        metrics = dist.sum_metrics(metrics)  # one collective for the metrics, tokens and loss
+        tokens, total = int(metrics.pop(TOKENS)), metrics.pop(TOTAL)
+        norms, skipped = self._step(engines, math.isfinite(total))
         if self.critic_engine is not None:
             metrics["critic_grad_norm"] = norms[1]
         metrics["lr"] = float(self.engine.get_lr()[0])
@@ -252,18 +258,19 @@ class DeepSpeedLearner(TorchLearner):
         metrics["lr"] = float(self.engine.get_lr()[0])
         return UpdateResult(metrics=metrics, grad_norm=0.0, skipped=False, tokens=0)
 
-    def _micro_loss(self, batch: TrainBatch, program: Any, prep: Any, idx: Tensor | None,
-                    metrics: dict[str, float]) -> tuple[Tensor, Tensor | None]:
-        """(W * policy loss, W * value loss) of one micro-batch; 0-weight for a filler pass."""
-        mb = self._filler(batch) if idx is None else batch.select(idx)
-        lp, ent = self._logprobs(self.engine, mb, self.with_entropy)
+    def _micro_loss(self, batch: TrainBatch, host_mb: TrainBatch, program: Any, prep: Any, idx: Tensor | None,
+                    sums: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(W * policy loss, W * value loss) of one micro-batch (``host_mb``: its rows on the
+        CPU); 0-weight for a filler pass. Its loss (under TOTAL) and metrics are added to
+        ``sums`` on the device."""
+        mb = host_mb if idx is None else batch.select(idx, like=host_mb)
+        lp, ent = self._logprobs(self.engine, mb, self.with_entropy, host_mb)
         values = self._values(mb) if self.critic_engine is not None else None
         if idx is None:
             return _zero(lp), None if values is None else _zero(values)
         rows = idx.to(prep.response_mask.device)
         out = program.loss(prep, logprobs=lp, rows=rows, entropy=ent, values=values)
-        for k, v in out.metrics.items():
-            metrics[k] = metrics.get(k, 0.0) + float(v)
+        add_metrics(sums, {TOTAL: out.loss, **out.metrics})
         value_loss = None if out.value_loss is None else out.value_loss * self.world
         return out.loss * self.world, value_loss
 
@@ -395,17 +402,21 @@ def _zero(x: Tensor) -> Tensor:
     return x.masked_fill(~torch.isfinite(x), 0.0).sum() * 0.0
 
 
-def _poisoned(loss: Tensor | None) -> Tensor | None:
-    """A loss whose gradient is NaN wherever it has one, so that the step is skipped."""
-    if loss is None or not loss.requires_grad:
-        return loss
-    return loss * float("nan")
+def _poison_unless_finite(policy: Tensor, value: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Both losses times 1 when both are finite, else times NaN, so that every gradient is NaN
+    and the step is skipped; decided on the device (no host synchronisation per micro-batch).
+    Times 1 changes neither a loss nor its gradient."""
+    finite = torch.isfinite(policy.detach())
+    if value is not None:
+        finite = finite & torch.isfinite(value.detach())
+    factor = torch.where(finite, 1.0, float("nan"))
+    return policy * factor, None if value is None else value * factor
 
 
 def _module_grad_norm(module: nn.Module) -> Tensor:
     grads = [p.grad.detach().double() for p in module.parameters() if p.grad is not None]
     if not grads:
-        return torch.zeros((), dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64, device="cpu")  # read as a float
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 

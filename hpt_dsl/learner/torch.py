@@ -30,7 +30,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from hpt_dsl.batch import TrainBatch, model_inputs, used_rows
-from hpt_dsl.learner.base import Learner, UpdateResult, add_prepared_metrics
+from hpt_dsl.learner.base import TOTAL, Learner, UpdateResult, add_metrics, add_prepared_metrics, read_metrics
 from hpt_dsl.learner.prefix import distinct_prompts, shared_prompt_logits
 from hpt_dsl.logprob import token_logprobs
 from hpt_dsl.recipe import Recipe
@@ -107,10 +107,13 @@ class TorchLearner(Learner):
 
     # ----- forward passes ---------------------------------------------------------------------
 
-    def _logprobs(self, model: nn.Module, mb: TrainBatch, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-        """(b, T) log pi(response token | prefix) at temperature tau, and the entropy."""
+    def _logprobs(
+        self, model: nn.Module, mb: TrainBatch, with_entropy: bool, host: TrainBatch | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(b, T) log pi(response token | prefix) at temperature tau, and the entropy. ``host``:
+        the same rows on the CPU, where the distinct prompts are found (no device sync)."""
         y = mb.response_ids.to(self.device)
-        shared = distinct_prompts(mb) if self.share_prompts else None
+        shared = distinct_prompts(mb if host is None else host) if self.share_prompts else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             split = None if shared is None else shared_prompt_logits(model, mb, self.device, *shared)
             if shared is not None and split is None:
@@ -131,7 +134,7 @@ class TorchLearner(Learner):
         ent = torch.cat([p[1] for p in parts if p[1] is not None], dim=1) if with_entropy else None
         return lp, ent
 
-    def _values(self, mb: TrainBatch) -> Tensor:
+    def _values(self, mb: TrainBatch, host: TrainBatch | None = None) -> Tensor:
         """(b, T) critic values V(prompt + response[:t]) for every response token t."""
         assert self.critic is not None
         ids, mask, pos = model_inputs(mb, self.device)
@@ -146,7 +149,7 @@ class TorchLearner(Learner):
         model = self.model if which == "policy" else self.ref
         if model is None:
             raise RuntimeError("this recipe has no reference model (no KL term)")
-        return self._no_grad_pass(batch, lambda mb: self._logprobs(model, mb, False)[0])
+        return self._no_grad_pass(batch, lambda mb, host: self._logprobs(model, mb, False, host)[0])
 
     @torch.no_grad()
     def values(self, batch: TrainBatch) -> Tensor:
@@ -155,19 +158,23 @@ class TorchLearner(Learner):
         return self._no_grad_pass(batch, self._values)
 
     def _no_grad_pass(self, batch: TrainBatch, fn: Any) -> Tensor:
+        """``fn(micro_batch, its host copy)`` over every row, in micro-batches, into (B, T)."""
         B, T = batch.response_ids.shape
         out = torch.zeros(B, T, dtype=torch.float32, device=batch.response_mask.device)
-        for idx in self._micro_batches(batch, torch.arange(B)):
-            mb = batch.select(idx)
-            x = fn(mb).float().to(out.device)
+        host = batch.to("cpu")  # widths and prompts read on the host: one copy per pass
+        for idx in self._micro_batches(host, torch.arange(B, device="cpu")):
+            host_mb = host.select(idx)
+            mb = batch.select(idx, like=host_mb)
+            x = fn(mb, host_mb).float().to(out.device)
             out[idx.to(out.device), : x.shape[1]] = x * mb.response_mask
         return out
 
-    def _micro_batches(self, batch: TrainBatch, rows: Tensor) -> list[Tensor]:
-        """``rows`` sorted by length, in chunks of ``train.micro_batch`` (less padding)."""
+    def _micro_batches(self, host: TrainBatch, rows: Tensor) -> list[Tensor]:
+        """``rows`` sorted by length, in chunks of ``train.micro_batch`` (less padding);
+        ``host`` is the batch on the CPU."""
         if rows.numel() == 0:
             return []
-        lengths = (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).cpu()[rows]
+        lengths = (host.prompt_mask.sum(1) + host.response_mask.sum(1))[rows]
         order = rows[torch.argsort(lengths, descending=True, stable=True)]
         size = self.settings.train.micro_batch
         return [order[i : i + size] for i in range(0, order.numel(), size)]
@@ -176,25 +183,26 @@ class TorchLearner(Learner):
 
     def update(self, batch: TrainBatch, program: Any, prep: Any) -> UpdateResult:
         rows = used_rows(prep)
-        metrics: dict[str, float] = {}
-        total = torch.zeros((), dtype=torch.float64)  # on the CPU: one sync per micro-batch
+        host = batch.to("cpu")  # widths, token counts and prompts read on the host: one copy
+        sums: dict[str, Tensor] = {}  # the loss and metrics, summed on the device, read once
         tokens = 0
-        for idx in self._micro_batches(batch, rows):
-            mb = batch.select(idx)
-            lp, ent = self._logprobs(self.model, mb, self.with_entropy)
+        for idx in self._micro_batches(host, rows):
+            host_mb = host.select(idx)
+            mb = batch.select(idx, like=host_mb)
+            lp, ent = self._logprobs(self.model, mb, self.with_entropy, host_mb)
             values = self._values(mb) if self.critic is not None else None
             rows_idx = idx.to(prep.response_mask.device)
             out = program.loss(prep, logprobs=lp, rows=rows_idx, entropy=ent, values=values)
             loss = out.loss if out.value_loss is None else out.loss + out.value_loss
             if loss.requires_grad:
                 loss.backward()
-            total += out.loss.detach().double().cpu()
-            tokens += mb.n_tokens
-            for k, v in out.metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v)
+            tokens += host_mb.n_tokens
+            add_metrics(sums, {TOTAL: out.loss, **out.metrics})
+        metrics = read_metrics(sums)
+        total = metrics.pop(TOTAL, 0.0)
         add_prepared_metrics(metrics, prep)
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.train.grad_clip)
-        finite = bool(torch.isfinite(total)) and bool(torch.isfinite(grad_norm))
+        finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
         if self.critic is not None:
             critic_norm = nn.utils.clip_grad_norm_(self.critic.parameters(), self.settings.train.grad_clip)
             finite = finite and bool(torch.isfinite(critic_norm))
