@@ -1,6 +1,6 @@
 """What runs differently on CUDA, checked on the CPU: sampling in lockstep on a ZeRO-3 model
-over two processes (gloo), the ZeRO-3 model partitioned without moving it whole, and vLLM's
-wake-up after the cache is emptied."""
+over two processes (gloo), the ZeRO-3 model partitioned without moving it whole, the rollout
+engine's own dtype, and vLLM's wake-up after the cache is emptied."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from hpt_dsl import dist, models
 from hpt_dsl.rollout.base import Rollout, SamplingParams
 from hpt_dsl.rollout.hf import HFRolloutEngine
+from hpt_dsl.settings import Settings
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14, 15, 16, 17, 18]]
 PARAMS = SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=7)
@@ -131,6 +132,60 @@ def test_zero3_partitions_the_model_one_parameter_at_a_time(tiny: tuple[Path, An
 def test_one_process_samples_without_lockstep(tiny: tuple[Path, Any, Any]) -> None:
     _, model, tok = tiny
     assert not HFRolloutEngine(model, tok).lockstep
+
+
+# ----- the rollout engine's own precision ---------------------------------------------------
+
+
+def test_hf_engine_samples_at_rollout_dtype(tiny: tuple[Path, Any, Any]) -> None:
+    """rollout.dtype = bfloat16 over float32 weights: the sampler's forwards run under bf16
+    autocast (the weights stay the learner's); float32 over bf16 weights is refused."""
+    from hpt_dsl.rollout.vllm import RolloutEngineError
+
+    _, model, tok = tiny
+    s = Settings()
+    s.rollout.dtype = "bfloat16"
+    engine = HFRolloutEngine(model, tok, s)
+    assert engine.autocast == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    plain = HFRolloutEngine(model, tok)
+    seen: list[torch.dtype] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    got = engine.generate(PROMPTS, PARAMS)
+    assert set(seen) == {torch.bfloat16} and next(model.parameters()).dtype == torch.float32
+    seen.clear()
+    expected = plain.generate(PROMPTS, PARAMS)
+    hook.remove()
+    assert set(seen) == {torch.float32}
+    assert len(got) == len(expected) and [r.logprobs for r in got] != [r.logprobs for r in expected]
+    s.rollout.dtype = "float32"
+    assert HFRolloutEngine(model, tok, s).autocast is None
+    with pytest.raises(RolloutEngineError, match="rollout.dtype = float32 but the hf engine samples with the "
+                                                 "learner's bfloat16 weights"):
+        HFRolloutEngine(copy.deepcopy(model).to(torch.bfloat16), tok, s)
+
+
+def test_vllm_engine_takes_rollout_dtype_apart_from_the_learner(
+        tiny: tuple[Path, Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's dtype is rollout.dtype when set, else model.dtype; the learner's weights keep
+    model.dtype."""
+    from hpt_dsl.rollout import vllm
+
+    seen: list[str] = []
+
+    class Engine:
+        def __init__(self, workdir: Path, **kw: Any) -> None:
+            seen.append(kw["dtype"])
+
+        def load_weights(self, named: Any) -> None:
+            assert all(t.dtype == torch.float32 for _, t in named)
+
+    _, model, tok = tiny
+    monkeypatch.setattr(vllm, "VLLMRolloutEngine", Engine)
+    s = Settings()
+    vllm.make_engine(s, model, tok)
+    s.rollout.dtype = "bfloat16"
+    vllm.make_engine(s, model, tok)
+    assert seen == ["float32", "bfloat16"]
 
 
 # ----- vLLM wakes up after the learner's cached blocks are returned ---------------------------

@@ -132,6 +132,7 @@ class HFRolloutEngine(RolloutEngine):
             eos = tokenizer.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
         self._last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.autocast = autocast_dtype(settings, next(model.parameters()).dtype)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         per_call = max(1, self.max_sequences // params.n)
@@ -162,9 +163,10 @@ class HFRolloutEngine(RolloutEngine):
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any) -> tuple[Tensor, Any]:
         """(float logits of the last position, the KV cache) after feeding ``ids``."""
         extra = {"logits_to_keep": 1} if self._last_only else {}
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **extra
-        )
+        with torch.autocast(ids.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **extra
+            )
         return out.logits[:, -1].float(), out.past_key_values
 
     @torch.no_grad()  # not inference_mode: see the module docstring (ZeRO-3)
@@ -259,6 +261,23 @@ class HFRolloutEngine(RolloutEngine):
                 target = params[name]
                 if target.data_ptr() != tensor.data_ptr():
                     target.copy_(tensor)
+
+
+def autocast_dtype(settings: Settings | None, weights: torch.dtype) -> torch.dtype | None:
+    """The dtype the sampler's forward passes autocast to: ``rollout.dtype`` when it is set and
+    lower than the weights' (the engine samples with the learner's own weights), else None."""
+    want = settings.rollout.dtype if settings is not None else None
+    if want is None or getattr(torch, want) == weights:
+        return None
+    if getattr(torch, want) == torch.float32:
+        from hpt_dsl.rollout.vllm import RolloutEngineError
+
+        have = str(weights).removeprefix("torch.")
+        raise RolloutEngineError(
+            f"rollout.dtype = float32 but the hf engine samples with the learner's {have} weights and cannot "
+            "raise their precision; leave rollout.dtype unset, or use rollout.engine=vllm"
+        )
+    return getattr(torch, want)
 
 
 def sharded_over_processes(model: Any) -> bool:

