@@ -126,15 +126,18 @@ def test_offload_without_zero_is_an_error() -> None:
         build_config(settings(offload=True, zero_stage=0), world_size=1, cuda=False)
 
 
-def test_zero3_over_processes_needs_vllm_rollouts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loop's check: the hf engine samples with the learner's (sharded) model."""
+def test_zero3_over_processes_samples_with_the_hf_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's check: ZeRO-3 over several processes runs with the hf engine (which samples in
+    lockstep); the vLLM engine, one process only for now, is refused before any model loads,
+    pointing at the hf engine."""
     assert preflight(settings(zero_stage=3))["zero_optimization"]["stage"] == 3  # one process: fine
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(DeepSpeedConfigError, match='zero_stage = 3 over 2 processes needs rollout.engine = "vllm"'):
-        preflight(settings(zero_stage=3))
+    for stage in (0, 2, 3):
+        assert preflight(settings(zero_stage=stage))["zero_optimization"]["stage"] == stage
     s = settings(zero_stage=3)
     s.rollout.engine = "vllm"
-    assert preflight(s)["zero_optimization"]["stage"] == 3
+    with pytest.raises(DeepSpeedConfigError, match='does not yet serve 2 processes; use rollout.engine = "hf"'):
+        preflight(s)
 
 
 def test_bad_json_and_missing_file_give_place(tmp_path: Path) -> None:

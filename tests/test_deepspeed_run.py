@@ -140,3 +140,20 @@ def test_wrong_deepspeed_override_is_refused_before_the_model_loads(tmp_path: Pa
     assert f"{override}:" in proc.stderr and "train_batch_size = 128" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing written, no model built
+
+
+@pytest.mark.slow
+def test_zero3_over_two_processes_trains_with_the_hf_engine(tmp_path: Path) -> None:
+    """GRPO/SFT with rollouts on a ZeRO-3 learner over two processes: the hf engine samples in
+    lockstep with the partitioned model, both processes evaluate together (rank 0 reports), and
+    the run finishes with one final model."""
+    out = tmp_path / "run"
+    proc = run("recipes/hpt.hpt", *sets("train.steps=2", "train.eval_every=0", "train.save_every=0",
+                                        "learner.zero_stage=3"), "-o", str(out), world=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = lines(out)
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]  # written once, by rank 0
+    for r in (r for r in rows if r["kind"] == "train"):  # 4 questions x (2 rollouts + a demonstration)
+        assert r["rows"] == 12 and r["demos"] == 4 and r["response_length"] > 0
+    assert (out / "final-model" / "model.safetensors").exists()

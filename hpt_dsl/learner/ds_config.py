@@ -249,11 +249,11 @@ def preflight(settings: Settings) -> Config:
     from hpt_dsl import dist
 
     world = dist.world_size()
-    if settings.learner.zero_stage == 3 and world > 1 and settings.rollout.engine == "hf":
+    if world > 1 and settings.rollout.engine == "vllm":
         raise DeepSpeedConfigError(
-            f"learner.zero_stage = 3 over {world} processes needs rollout.engine = \"vllm\": the hf engine "
-            "samples with the learner's sharded model, whose every forward pass needs all processes at "
-            "once; use learner.zero_stage = 2 (or 1) with the hf engine")
+            f"rollout.engine = \"vllm\" runs one in-process engine and does not yet serve {world} processes; "
+            "use rollout.engine = \"hf\", which samples with the learner's model at every ZeRO stage (under "
+            "ZeRO-3 the processes sample in lockstep)")
     return build_config(settings, world, torch.cuda.is_available())
 
 
