@@ -1,6 +1,6 @@
 """What runs differently on CUDA, checked on the CPU: sampling in lockstep on a ZeRO-3 model
-over two processes (gloo), the ZeRO-3 model partitioned without moving it whole, the rollout
-engine's own dtype, and vLLM's wake-up after the cache is emptied."""
+over two processes (gloo), the rollout engine's own dtype, vLLM's wake-up after the cache is
+emptied, and CUDA RNG states restored in device order."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from hpt_dsl import checkpoint as ckpt
 from hpt_dsl import dist, models
 from hpt_dsl.rollout.base import Rollout, SamplingParams
 from hpt_dsl.rollout.hf import HFRolloutEngine
@@ -209,3 +211,29 @@ def test_vllm_wakes_up_after_emptying_the_cuda_cache(monkeypatch: pytest.MonkeyP
     assert calls == ["empty_cache", "wake_up ['weights']", "empty_cache", "wake_up ['kv_cache']"]
     engine._wake()  # awake: nothing to do
     assert len(calls) == 4
+
+
+# ----- CUDA RNG states go back to their own devices --------------------------------------------
+
+
+class _Learner:
+    def save(self, path: Path) -> None:
+        (path / "policy.txt").write_text("0")
+
+    def load(self, path: Path) -> None:
+        pass
+
+
+def test_cuda_rng_states_are_restored_in_device_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint of a 12-GPU process: the state of cuda10 goes to device 10, not 2."""
+    path = ckpt.save_checkpoint(tmp_path, 1, _Learner(), {})
+    rng_file = next(p for p in path.iterdir() if p.name.startswith("rng"))
+    states = load_file(str(rng_file))
+    for i in range(12):
+        states[f"cuda{i}"] = torch.full((16,), i, dtype=torch.uint8)
+    save_file(states, str(rng_file))
+    restored: list[list[int]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: restored.append([int(t[0]) for t in s]))
+    ckpt.load_checkpoint(path, _Learner())
+    assert restored == [list(range(12))]
