@@ -1,6 +1,7 @@
 """What runs differently on CUDA, checked on the CPU: sampling in lockstep on a ZeRO-3 model
-over two processes (gloo), the rollout engine's own dtype, vLLM's wake-up after the cache is
-emptied, and CUDA RNG states restored in device order."""
+over two processes (gloo), the ZeRO-3 model partitioned without moving it whole, the rollout
+engine's own dtype, vLLM's wake-up after the cache is emptied, and CUDA RNG states restored
+in device order."""
 
 from __future__ import annotations
 
