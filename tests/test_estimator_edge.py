@@ -139,3 +139,23 @@ def test_non_finite_gate_weight_is_zeroed_and_reported() -> None:
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
     assert not grad[2:].any() and grad[:2].abs().sum() > 0
     assert float(out.metrics["gate/grpo/nonfinite"]) == pytest.approx(0.5)
+
+
+def test_truncated_is_metrics_cover_only_the_rollouts_the_loss_uses() -> None:
+    """A gated-out question's rollouts get no pi_old pass (the loop leaves their old log-probs 0):
+    the mismatch and truncation shares are over the used rollout tokens only."""
+    from hpt_dsl import load_recipe
+    from hpt_dsl.estimator import compile_recipe
+
+    prog = compile_recipe(load_recipe(text="loss = if acc > 0 then grpo else sft\nrollout.tis_cap = 2.0\n"))
+    B, T = 6, 3
+    gid = torch.tensor([0, 0, 0, 1, 1, 1])
+    demo = torch.tensor([False, False, True, False, False, True])
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)  # question 1 unsolved: SFT
+    rollout_lp = torch.full((B, T), -1.0, dtype=torch.float64)
+    old = rollout_lp.clone()
+    old[3:5] = 0.0  # never computed: the rows are gated out
+    prep = prog.prepare(response_mask=torch.ones(B, T, dtype=torch.bool), rewards=rewards, group_ids=gid,
+                        is_demo=demo, old_logprobs=old, rollout_logprobs=rollout_lp)  # fmt: skip
+    assert float(prep.row_metrics["tis/mismatch"].sum()) == pytest.approx(0.0)
+    assert float(prep.row_metrics["tis/trunc_frac"].sum()) == pytest.approx(0.0)

@@ -357,7 +357,9 @@ class LossProgram:
         live_tis: tuple[Tensor, Tensor, float] | None = None  # completed with its token count below
         cap = tis_cap
         if cap is not None and rollout_logprobs is not None:
-            rmask = mask & ~demo[:, None]
+            # the rollout tokens the loss uses: an unused row's pi_old is never computed
+            used = torch.stack([c != 0 for c in coef]).any(dim=0) if coef else torch.zeros_like(demo)
+            rmask = mask & ~demo[:, None] & (used | critic_rows)[:, None]
             if old is None or old_is_current:  # the weights need the live log-probs: kept for the loss
                 live_tis = (rlp, rmask, float(cap))  # type: ignore[assignment]
             else:
