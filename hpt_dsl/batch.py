@@ -12,6 +12,7 @@ log-probs of response token t from the logits at column P - 1 + t.
 Per row: ``group_ids`` (the question's index in the step, the advantage group),
 ``is_demo``, ``rewards`` (the verifier's score, demonstrations included), and where the
 engine reported them ``rollout_logprobs`` (B, T) (zeros on demonstration rows).
+A row kept out of the loss (``exclude``) has a response mask of 0 everywhere.
 """
 
 from __future__ import annotations
@@ -49,22 +50,41 @@ class TrainBatch:
         """The batch with every tensor on ``device``."""
         return TrainBatch(**{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
 
-    def select(self, rows: Tensor) -> TrainBatch:
-        """The sub-batch of ``rows`` (an index tensor), with padding columns trimmed."""
+    def exclude(self, rows: Tensor) -> TrainBatch:
+        """The batch with the rows where ``rows`` (a (B,) bool tensor) is True kept out of the
+        loss: their response masks are 0, so every aggregation gives them weight 0 and no
+        normaliser counts them (L_i = 0), while their rewards still count in their question's
+        group statistics. A truncated response under ``rollout.mask_truncated``."""
+        keep = (~rows.to(self.response_mask.device)).to(self.response_mask.dtype)
+        return replace(self, response_mask=self.response_mask * keep[:, None])
+
+    def select(self, rows: Tensor, like: TrainBatch | None = None) -> TrainBatch:
+        """The sub-batch of ``rows`` (an index tensor), with padding columns trimmed. ``like``:
+        the same rows of a host (CPU) copy of this batch, already selected, whose widths are
+        taken instead of reading the masks back from the device (no synchronisation)."""
         out = {}
+        on: dict[torch.device, Tensor] = {}  # the index, moved once per device
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = None if value is None else value[rows.to(value.device)]
+            if value is not None and value.device not in on:
+                on[value.device] = rows.to(value.device)
+            out[f.name] = None if value is None else value[on[value.device]]
         sub = TrainBatch(**out)
-        return sub.trimmed()
+        if like is None:
+            return sub.trimmed()
+        return sub.trimmed((like.prompt_ids.shape[1], like.response_ids.shape[1]))
 
-    def trimmed(self) -> TrainBatch:
+    def trimmed(self, widths: tuple[int, int] | None = None) -> TrainBatch:
         """Drop prompt columns that are padding in every row, and response columns past the
-        longest response: the forward pass only pays for real tokens."""
+        longest response: the forward pass only pays for real tokens. ``widths``: the (prompt,
+        response) widths to keep, when known on the host."""
         if len(self) == 0:
             return self
-        p_keep = int(self.prompt_mask.sum(1).max().item())
-        t_keep = max(1, int(self.response_mask.sum(1).max().item()))
+        if widths is None:
+            p_keep = int(self.prompt_mask.sum(1).max().item())
+            t_keep = max(1, int(self.response_mask.sum(1).max().item()))
+        else:
+            p_keep, t_keep = widths
         P = self.prompt_ids.shape[1]
         rl = self.rollout_logprobs
         return replace(
@@ -95,13 +115,14 @@ def _to(x: Tensor | None, device: torch.device | str) -> Tensor | None:
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """(ids, mask) with every sequence right-aligned: ``[pad ... pad, s_0 ... s_k]``."""
+    """(ids, mask) with every sequence right-aligned: ``[pad ... pad, s_0 ... s_k]``, on the
+    CPU (the caller moves them once)."""
     width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
     for i, s in enumerate(seqs):
         if len(s):
-            ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long)
+            ids[i, width - len(s) :] = torch.as_tensor(list(s), dtype=torch.long, device="cpu")
             mask[i, width - len(s) :] = 1
     return ids, mask
 
@@ -109,11 +130,11 @@ def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
 def pad_right(seqs: Sequence[Sequence[float]], pad: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(values, mask) with every sequence left-aligned, at least one column wide."""
     width = max(1, max((len(s) for s in seqs), default=0))
-    vals = torch.full((len(seqs), width), pad, dtype=dtype)
-    mask = torch.zeros((len(seqs), width), dtype=torch.float32)
+    vals = torch.full((len(seqs), width), pad, dtype=dtype, device="cpu")
+    mask = torch.zeros((len(seqs), width), dtype=torch.float32, device="cpu")
     for i, s in enumerate(seqs):
         if len(s):
-            vals[i, : len(s)] = torch.as_tensor(list(s), dtype=dtype)
+            vals[i, : len(s)] = torch.as_tensor(list(s), dtype=dtype, device="cpu")
             mask[i, : len(s)] = 1.0
     return vals, mask
 
@@ -161,9 +182,9 @@ def build_train_batch(
         prompt_mask=prompt_mask,
         response_ids=response_ids,
         response_mask=response_mask,
-        group_ids=torch.tensor(group, dtype=torch.long),
-        is_demo=torch.tensor(demo_flag, dtype=torch.bool),
-        rewards=torch.tensor(rewards, dtype=torch.float32),
+        group_ids=torch.tensor(group, dtype=torch.long, device="cpu"),
+        is_demo=torch.tensor(demo_flag, dtype=torch.bool, device="cpu"),
+        rewards=torch.tensor(rewards, dtype=torch.float32, device="cpu"),
         rollout_logprobs=rollout_lp if rollouts else None,
     )
 

@@ -55,6 +55,11 @@ class RolloutSettings(_Section):
     """[rollout] how the policy samples its own answers."""
 
     engine: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="the rollout engine's precision; None = model.dtype. vllm: its weights; hf (which samples "
+        "with the learner's weights): autocast to it, when lower than theirs",
+    )
     n: int = Field(4, ge=1, description="rollouts per question (the group size)")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -65,6 +70,24 @@ class RolloutSettings(_Section):
     )
     tis_cap: float | None = Field(
         None, gt=0, description="truncated importance sampling cap C: weight min(pi_learner/pi_engine, C)"
+    )
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO's dynamic sampling: drop questions whose rollouts' rewards all agree and sample "
+        "more questions until the step has train.questions informative ones",
+    )
+    max_sampling_rounds: int = Field(
+        10, ge=1, description="dynamic sampling: generation rounds per step at most, the first included"
+    )
+    overlong_cache: int = Field(
+        0,
+        ge=0,
+        description="DAPO's overlong reward shaping: a soft length penalty over the last L_cache tokens "
+        "of rollout.max_new_tokens; 0 = off",
+    )
+    overlong_penalty: float = Field(1.0, ge=0, description="factor of the overlong length penalty")
+    mask_truncated: bool = Field(
+        False, description="responses cut at rollout.max_new_tokens get no loss weight (overlong filtering)"
     )
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1)
     sleep_between_steps: bool = True
@@ -114,6 +137,9 @@ class TrainSettings(_Section):
     eval_every: int = Field(25, ge=0, description="0 = evaluate only at the end")
     eval_n: int = Field(1, ge=1, description="samples per test question (pass@k / avg@k)")
     save_every: int = Field(50, ge=0)
+    keep_checkpoints: int = Field(
+        2, ge=1, description="complete checkpoints kept, newest first (1 leaves no fallback for a damaged one)"
+    )
     output_dir: str | None = None
     max_bad_steps: int = Field(3, ge=1, description="consecutive non-finite steps before the run stops")
     threads: int | None = Field(
