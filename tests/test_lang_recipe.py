@@ -318,7 +318,7 @@ def test_the_language_reference_covers_every_keyword_and_code() -> None:
     from hpt_dsl.lang.diagnostics import CODES
     from hpt_dsl.recipe import STATS
 
-    doc = (RECIPES.parent / "README.md").read_text(encoding="utf-8")
+    doc = (RECIPES.parent / "docs" / "language.md").read_text(encoding="utf-8")
     for key, forms in VOCAB.items():
         assert f"`{key}`" in doc, key
         for name in forms:
