@@ -26,6 +26,8 @@ def compile_estimator(source: object) -> LossProgram:
     """
     from hpt_dsl.estimator.api import compile_estimator as _compile
 
+    if isinstance(source, str):
+        source = load_recipe(text=source)
     return _compile(source)
 
 

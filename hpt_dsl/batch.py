@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from hpt_dsl.rollout.base import Rollout
+if TYPE_CHECKING:  # the batch is a neutral type: it imports neither the engines nor the loop
+    from hpt_dsl.rollout.base import Rollout
 
 
 @dataclass

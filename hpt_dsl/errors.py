@@ -10,3 +10,8 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Bad input found before or while setting up a run (exit code 2)."""
+
+
+class SetupError(InputError):
+    """Bad input found before training starts: a run folder, a resume target, a DeepSpeed
+    configuration (exit code 2)."""

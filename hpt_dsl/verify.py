@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hpt_dsl import dist
 from hpt_dsl.estimator import compile_recipe, compile_spec
 from hpt_dsl.estimator.program import LossProgram
 from hpt_dsl.estimator.registry import lookup
@@ -176,7 +175,7 @@ def check_split(name: str, spec: EstimatorSpec, recipe: Recipe, seed: int) -> Re
     cut = int((b["group_ids"] < 3).sum())
     loss = 0.0
     for rows in (torch.arange(cut), torch.arange(cut, B)):
-        share = dist.local_rows(prep, slice(int(rows[0]), int(rows[-1]) + 1), b["lp"].shape[1])
+        share = prep.local(slice(int(rows[0]), int(rows[-1]) + 1), b["lp"].shape[1])
         loss += float(_run(prog, {k: v[rows] for k, v in b.items()}, prep=share)[0])
     worst = max(worst, abs(loss - float(full_loss)))
     note = ""

@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "hpt_dsl"
-TRAINING_PATH = ["learner", "rollout", "estimator", "batch.py", "dist.py", "logprob.py"]
+TRAINING_PATH = ["learner", "rollout", "estimator", "batch.py", "dist.py", "comm.py", "logprob.py"]
 FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", "rand", "randn", "randint",
              "randperm", "eye", "linspace", "logspace", "empty_strided", "scalar_tensor"}
 # (file relative to hpt_dsl/, enclosing function) -> why it builds tensors with device="cpu"
@@ -33,7 +33,7 @@ CPU_ON_PURPOSE: dict[tuple[str, str], str] = {
                               "with TrainBatch.to",
     ("batch.py", "pad_right"): "as pad_left",
     ("batch.py", "build_train_batch"): "as pad_left: the per-row labels of the host batch",
-    ("dist.py", "sum_metrics"): "Python floats packed for one collective; all_reduce_sum moves them to the "
+    ("comm.py", "sum_metrics"): "Python floats packed for one collective; all_reduce_sum moves them to the "
                                 "collective's device",
     ("dist.py", "_offset_groups"): "per-rank group counts on the host; the result is moved to the ids' device",
     ("learner/torch.py", "_no_grad_pass"): "row indices, read on the host with the host copy of the batch",
@@ -41,7 +41,7 @@ CPU_ON_PURPOSE: dict[tuple[str, str], str] = {
     ("learner/deepspeed.py", "_module_grad_norm"): "the norm of no gradient, read as a float",
     ("estimator/program.py", "__init__"): "constant gate weights, evaluated once at compile time as floats",
 }
-ZERO3_PATH = ["rollout", "learner", "train.py", "evaluate.py", "logprob.py", "batch.py", "dist.py"]
+ZERO3_PATH = ["rollout", "learner", "train.py", "evaluate.py", "logprob.py", "batch.py", "dist.py", "comm.py"]
 
 
 def _files(parts: list[str], package: Path = PACKAGE) -> list[Path]:

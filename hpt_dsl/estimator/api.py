@@ -13,12 +13,9 @@ from hpt_dsl.recipe import EstimatorSpec, Gate, Joint, PerQuestion, Recipe, Scal
 
 
 def compile_estimator(source: object) -> LossProgram:
-    """Compile recipe text (an estimator line or a full recipe), a checked Recipe, an
-    EstimatorSpec or a loss expression into a LossProgram.
-
-    Text goes through the language front end (parser and checker); a recipe with errors
-    raises its diagnostics there.
-    """
+    """Compile a checked Recipe, an EstimatorSpec or a loss expression into a LossProgram.
+    (Recipe text goes through ``hpt_dsl.compile_estimator``, which sits above the language and
+    the estimator: the estimator never imports the language.)"""
     if isinstance(source, Recipe):
         return compile_recipe(source)
     if isinstance(source, EstimatorSpec):
@@ -26,9 +23,7 @@ def compile_estimator(source: object) -> LossProgram:
     if isinstance(source, (Term, Scale, Sum, Gate, Zero, Joint, PerQuestion)):
         return compile_loss(source)
     if isinstance(source, str):
-        from hpt_dsl.lang import load_recipe  # type: ignore[attr-defined]
-
-        return compile_recipe(load_recipe(text=source))
+        raise TypeError("recipe text is compiled by hpt_dsl.compile_estimator, which reads it with the language first")
     raise TypeError(
         f"compile_estimator takes recipe text, a Recipe, an EstimatorSpec or a loss expression; "
         f"got {type(source).__name__}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -116,6 +116,34 @@ class Prepared:
     @property
     def batch_size(self) -> int:
         return int(self.response_mask.shape[0])
+
+    PER_ROW = ("response_mask", "coef", "adv", "tok", "row_metrics", "old_logprobs", "ref_logprobs", "returns",
+               "old_values", "value_coef", "tis", "silent_metrics")  # fmt: skip
+    """Fields with one entry per row: a process keeps its own rows of them."""
+    WHOLE_BATCH = ("live", "shares", "old_is_current", "stats", "weights", "moments")
+    """Fields about the whole mini-batch (its questions, its terms): every process keeps them whole."""
+
+    def local(self, rows: slice, width: int) -> Prepared:
+        """This mini-batch restricted to ``rows`` and to the first ``width`` response columns
+        (a process's share, see ``hpt_dsl.dist``). Per-question statistics and gate weights
+        stay global: they are about questions, and every process reports the same values."""
+        unknown = {f.name for f in fields(self)} - set(self.PER_ROW) - set(self.WHOLE_BATCH)
+        if unknown:
+            raise NotImplementedError(f"Prepared.local does not know the fields {sorted(unknown)}")
+
+        def cut(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                x = x[rows]
+                return x[:, :width] if x.dim() == 2 and x.shape[1] > 1 else x
+            if isinstance(x, list):
+                return [cut(v) for v in x]
+            if isinstance(x, tuple):
+                return tuple(cut(v) for v in x)
+            if isinstance(x, dict):
+                return {k: cut(v) for k, v in x.items()}
+            return x
+
+        return replace(self, **{name: cut(getattr(self, name)) for name in self.PER_ROW})
 
 
 @dataclass

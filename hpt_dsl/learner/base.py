@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from hpt_dsl.batch import TrainBatch
+    from hpt_dsl.estimator.program import LossProgram, Prepared
     from hpt_dsl.recipe import Recipe
 
 
@@ -75,7 +76,7 @@ class Learner(ABC):
         """(B, T) critic values of the response tokens, no grad; 0 on padding."""
 
     @abstractmethod
-    def update(self, batch: TrainBatch, program: Any, prep: Any) -> UpdateResult:
+    def update(self, batch: TrainBatch, program: LossProgram, prep: Prepared) -> UpdateResult:
         """One optimizer step over ``batch`` with the compiled loss ``program`` and its
         ``prep`` (the mini-batch's advantages and normalisers)."""
 
@@ -121,7 +122,7 @@ def read_metrics(sums: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(sums, values, strict=True))
 
 
-def add_prepared_metrics(metrics: dict[str, float], prep: Any) -> dict[str, float]:
+def add_prepared_metrics(metrics: dict[str, float], prep: Prepared) -> dict[str, float]:
     """Complete the summed ``loss`` metrics of an update with what ``prep`` knows of the whole
     mini-batch: the per-row shares of batch metrics (over every row, used or not), the
     metric shares of the silent rows (added to the forwarded rows' values of the same name),

@@ -33,17 +33,20 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from hpt_dsl import dist
+from hpt_dsl import comm
 from hpt_dsl.batch import TrainBatch, used_rows
 from hpt_dsl.learner.base import TOTAL, UpdateResult, add_metrics, add_prepared_metrics, read_metrics
 from hpt_dsl.learner.ds_config import Config, build_config
 from hpt_dsl.learner.torch import TorchLearner
 from hpt_dsl.recipe import Recipe
+
+if TYPE_CHECKING:
+    from hpt_dsl.estimator.program import LossProgram, Prepared
 
 STATE_FILE = "deepspeed.json"
 TOKENS = "\0tokens"
@@ -83,7 +86,7 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
     if torch.cuda.is_available():
-        torch.cuda.set_device(dist.local_rank())
+        torch.cuda.set_device(comm.local_rank())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
@@ -122,7 +125,7 @@ class DeepSpeedLearner(TorchLearner):
 
     def __init__(self, recipe: Recipe, model: Any, tokenizer: Any, config: Config | None = None) -> None:
         cuda = torch.cuda.is_available()
-        self.world = dist.world_size()
+        self.world = comm.world_size()
         self.config = config if config is not None else build_config(recipe.settings, self.world, cuda)
         self.zero_stage = int(self.config["zero_optimization"]["stage"])
         self.bf16 = bool(self.config.get("bf16", {}).get("enabled"))
@@ -192,7 +195,7 @@ class DeepSpeedLearner(TorchLearner):
         out = self._no_grad_pass(batch, fn)
         if self.zero_stage == 3:
             mine = -(-len(batch) // self.settings.train.micro_batch)  # the micro-batches of _no_grad_pass
-            for _ in range(dist.all_reduce_max(mine) - mine):
+            for _ in range(comm.all_reduce_max(mine) - mine):
                 filler = self._filler()
                 fn(filler, filler)
         return out
@@ -209,11 +212,11 @@ class DeepSpeedLearner(TorchLearner):
 
     # ----- one optimizer step ----------------------------------------------------------------
 
-    def update(self, batch: TrainBatch, program: Any, prep: Any) -> UpdateResult:
+    def update(self, batch: TrainBatch, program: LossProgram, prep: Prepared) -> UpdateResult:
         rows = used_rows(prep)
         host = batch.to("cpu")  # widths, token counts and prompts read on the host: one copy
         chunks: list[Tensor | None] = list(self._micro_batches(host, rows))
-        n = dist.all_reduce_max(len(chunks))
+        n = comm.all_reduce_max(len(chunks))
         chunks += [None] * (n - len(chunks))
         engines = [e for e in (self.engine, self.critic_engine) if e is not None]
         if n == 0:  # no row carries weight on any rank: as the plain learner, nothing moves
@@ -237,7 +240,7 @@ class DeepSpeedLearner(TorchLearner):
         metrics["rows_used"] = float(rows.numel())
         metrics[TOKENS] = float(tokens)
         metrics[TOTAL] = total
-        metrics = dist.sum_metrics(metrics)  # one collective for the metrics, tokens and loss
+        metrics = comm.sum_metrics(metrics)  # one collective for the metrics, tokens and loss
         tokens, total = int(metrics.pop(TOKENS)), metrics.pop(TOTAL)
         norms, skipped = self._step(engines, math.isfinite(total))
         if self.critic_engine is not None:
@@ -245,11 +248,11 @@ class DeepSpeedLearner(TorchLearner):
         metrics["lr"] = float(self.engine.get_lr()[0])
         return UpdateResult(metrics=metrics, grad_norm=norms[0], skipped=skipped, tokens=tokens)
 
-    def _empty_update(self, prep: Any, engines: list[Any]) -> UpdateResult:
+    def _empty_update(self, prep: Prepared, engines: list[Any]) -> UpdateResult:
         """A step without gradients: parameters and optimizer state stay, the schedule advances."""
         metrics = add_prepared_metrics({}, prep)
         metrics["rows_used"] = 0.0
-        metrics = dist.sum_metrics(metrics)
+        metrics = comm.sum_metrics(metrics)
         for e in engines:
             if e.lr_scheduler is not None:
                 e.lr_scheduler.step()
@@ -258,8 +261,8 @@ class DeepSpeedLearner(TorchLearner):
         metrics["lr"] = float(self.engine.get_lr()[0])
         return UpdateResult(metrics=metrics, grad_norm=0.0, skipped=False, tokens=0)
 
-    def _micro_loss(self, batch: TrainBatch, host_mb: TrainBatch, program: Any, prep: Any, idx: Tensor | None,
-                    sums: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    def _micro_loss(self, batch: TrainBatch, host_mb: TrainBatch, program: LossProgram, prep: Prepared,
+                    idx: Tensor | None, sums: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """(W * policy loss, W * value loss) of one micro-batch (``host_mb``: its rows on the
         CPU); 0-weight for a filler pass. Its loss (under TOTAL) and metrics are added to
         ``sums`` on the device."""
@@ -311,10 +314,10 @@ class DeepSpeedLearner(TorchLearner):
         self.engine.save_checkpoint(str(path), tag="policy", save_latest=False)
         if self.critic_engine is not None:
             self.critic_engine.save_checkpoint(str(path), tag="critic", save_latest=False)
-        if dist.is_main():
+        if comm.is_main():
             state = {"world_size": self.world, "zero_stage": self.zero_stage, "bf16": self.bf16}
             (path / STATE_FILE).write_text(json.dumps(state))
-        dist.barrier()
+        comm.barrier()
 
     def load(self, path: Path) -> None:
         try:
@@ -350,18 +353,18 @@ class DeepSpeedLearner(TorchLearner):
                         full = value.detach().clone()
                 if full is None:
                     full = value.detach()
-                done[id(value)] = full.to("cpu", self.saved_dtype) if dist.is_main() else full.new_empty(0)
-            if dist.is_main():
+                done[id(value)] = full.to("cpu", self.saved_dtype) if comm.is_main() else full.new_empty(0)
+            if comm.is_main():
                 out[name] = done[id(value)]
         return out
 
     def save_pretrained(self, path: Path) -> None:
         """The policy as one Hugging Face checkpoint (rank 0 writes; collective)."""
         state = self.full_state_dict()
-        if dist.is_main():
+        if comm.is_main():
             self.model.save_pretrained(path, state_dict=state)
             self.tokenizer.save_pretrained(path)
-        dist.barrier()
+        comm.barrier()
 
     def close(self) -> None:
         """Free the engines (the process group stays for the rest of the process)."""
@@ -390,7 +393,7 @@ def _partition(deepspeed: Any, module: nn.Module, config: Config) -> None:
                         pin_memory=bool(offload.get("pin_memory", False)), dtype=dtype)
     from deepspeed.accelerator import get_accelerator
 
-    device = torch.device(get_accelerator().device_name(dist.local_rank()))
+    device = torch.device(get_accelerator().device_name(comm.local_rank()))
     for m in module.modules():
         for name, b in m._buffers.items():
             if b is not None:

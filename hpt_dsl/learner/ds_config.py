@@ -44,8 +44,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hpt_dsl.errors import SetupError
 from hpt_dsl.settings import Settings
-from hpt_dsl.train import SetupError
 
 Config = dict[str, Any]
 
@@ -246,9 +246,9 @@ def preflight(settings: Settings) -> Config:
     environment)."""
     import torch
 
-    from hpt_dsl import dist
+    from hpt_dsl import comm
 
-    world = dist.world_size()
+    world = comm.world_size()
     if world > 1 and settings.rollout.engine == "vllm":
         raise DeepSpeedConfigError(
             f"rollout.engine = \"vllm\" runs one in-process engine and does not yet serve {world} processes; "

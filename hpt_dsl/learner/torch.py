@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -35,6 +35,9 @@ from hpt_dsl.learner.prefix import distinct_prompts, shared_prompt_logits
 from hpt_dsl.logprob import token_logprobs
 from hpt_dsl.recipe import Recipe
 from hpt_dsl.settings import CriticSettings, TrainSettings
+
+if TYPE_CHECKING:
+    from hpt_dsl.estimator.program import LossProgram, Prepared
 
 
 def lr_lambda(train: TrainSettings, total_updates: int) -> Any:
@@ -181,7 +184,7 @@ class TorchLearner(Learner):
 
     # ----- one optimizer step ----------------------------------------------------------------
 
-    def update(self, batch: TrainBatch, program: Any, prep: Any) -> UpdateResult:
+    def update(self, batch: TrainBatch, program: LossProgram, prep: Prepared) -> UpdateResult:
         rows = used_rows(prep)
         host = batch.to("cpu")  # widths, token counts and prompts read on the host: one copy
         sums: dict[str, Tensor] = {}  # the loss and metrics, summed on the device, read once
