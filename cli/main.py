@@ -4,11 +4,13 @@ Each command lives in its own module of this package and is a few lines over the
 library. Heavy imports (torch, transformers) happen inside the commands that need
 them, so ``check`` and ``explain`` answer in well under a second.
 
-Exit codes (the same for every command):
+Exit codes (the same for every command; the README's table):
     0  success
-    1  the recipe has errors (diagnostics were printed)
-    2  usage error or bad input: a missing file, an unknown setting, a bad model path
-    3  the run stopped on a fault (e.g. too many non-finite steps); the last good checkpoint is kept
+    1  the recipe has errors (diagnostics were printed); ``runs verify``: something is damaged
+    2  usage error or bad input: a missing file, an unknown setting, a bad model path, a
+       missing optional package (DeepSpeed, vLLM), no complete checkpoint to resume from
+    3  the run stopped on a fault: too many non-finite steps, a write that failed (a full
+       disk), another process of the run that stopped; the last complete checkpoint is kept
   130  interrupted (Ctrl-C); a checkpoint was saved first where a run was in progress
 """
 
@@ -26,16 +28,16 @@ app = typer.Typer(
 
 
 from hpt_dsl.cli.check import check_command  # noqa: E402
-from hpt_dsl.cli.explain import explain_command  # noqa: E402
-
 from hpt_dsl.cli.diff import diff_command  # noqa: E402
-app.command("check")(check_command)
+from hpt_dsl.cli.explain import explain_command  # noqa: E402
 from hpt_dsl.cli.verify import verify_command  # noqa: E402
-app.command("explain")(explain_command)
 
-from hpt_dsl.cli.compare import compare_command  # noqa: E402
+app.command("check")(check_command)
+app.command("explain")(explain_command)
 app.command("verify")(verify_command)
 app.command("diff")(diff_command)
+
+from hpt_dsl.cli.compare import compare_command  # noqa: E402
 from hpt_dsl.cli.plot import plot_command  # noqa: E402
 
 app.command("compare")(compare_command)
@@ -48,6 +50,10 @@ app.command("run")(run_command)
 from hpt_dsl.cli.eval import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
+
+from hpt_dsl.cli.runs import app as runs_app  # noqa: E402
+
+app.add_typer(runs_app, name="runs")
 
 
 def main() -> None:
