@@ -4,7 +4,7 @@ Each command lives in its own module of this package and is a few lines over the
 library. Heavy imports (torch, transformers) happen inside the commands that need
 them, so ``check`` and ``explain`` answer in well under a second.
 
-Exit codes (the same for every command; the README's table):
+Exit codes (the same for every command; the table in docs/reliability.md):
     0  success
     1  the recipe has errors (diagnostics were printed); ``runs verify``: something is damaged
     2  usage error or bad input: a missing file, an unknown setting, a bad model path, a
