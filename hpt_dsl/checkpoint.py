@@ -306,7 +306,7 @@ def _load(path: Path, learner: Any) -> dict[str, Any]:
     learner.load(path)
     rng = load_file(str(path / _rng_file()))  # this process's own (resume keeps the process count)
     torch.set_rng_state(rng["torch"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
+    cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[4:]))]  # by index
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = state["python_random"]

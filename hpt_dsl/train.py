@@ -5,6 +5,9 @@ One step:
     questions  = the next train.questions questions (a seeded permutation per pass)
     rollouts   = engine.generate(prompts, n = rollout.n)             (not for pure SFT)
     rewards    = reward(decoded rollout, answer); demos scored too     (verifier, 0/1)
+                 DAPO (hpt_dsl.sampling): with rollout.dynamic_sampling, more rounds of
+                 questions until train.questions of them have rewards that differ; with
+                 rollout.overlong_cache, a length penalty added to the rewards
     batch      = rollout rows + demonstration rows, grouped by question
     prep       = program.prepare(...)  -> per-question stats, gate weights, advantages
     log-probs  = pi_old (only when epochs > 1, mini_batches > 1 or engine log-probs are
@@ -24,13 +27,15 @@ the checkpoints' shared files; a Ctrl-C stops every process after the same step.
 
 ``run_recipe`` wraps it: load the recipe, prepare the run folder, resume, report.
 Exit conditions are exceptions the command line maps to exit codes: ``RunFault`` (3: too
-many non-finite steps in a row) and ``RunInterrupted`` (130: Ctrl-C, after a checkpoint).
+many non-finite steps in a row, a write that failed, another process that stopped; see
+``hpt_dsl.faults``), ``SetupError`` and ``CheckpointError`` (2: bad input, no complete
+checkpoint to resume from) and ``RunInterrupted`` (130: Ctrl-C, after a checkpoint).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -41,27 +46,25 @@ from typing import Any, TextIO
 import torch
 
 from hpt_dsl import checkpoint as ckpt
-from hpt_dsl import dist
+from hpt_dsl import dist, errors
 from hpt_dsl.batch import TrainBatch, build_train_batch, used_rows
 from hpt_dsl.data import Task, load_task
 from hpt_dsl.data.verify import score_batch
+from hpt_dsl.faults import RunFault, is_disk_error, is_lost_peer, lost_peer, space_warning, write_fault
 from hpt_dsl.malloc import keep_freed_memory
 from hpt_dsl.prompting import PromptCache
 from hpt_dsl.recipe import Recipe
 from hpt_dsl.report import Reporter, truncate_metrics
-from hpt_dsl.rollout.base import SamplingParams
-
-
-class RunFault(RuntimeError):
-    """The run stopped on a fault; the last good checkpoint is intact (exit code 3)."""
+from hpt_dsl.rollout.base import Rollout, SamplingParams
+from hpt_dsl.sampling import Filled, fill_share, flatten, groups_of, overlong_penalty, round_questions, zero_variance
 
 
 class RunInterrupted(RuntimeError):
     """Ctrl-C: a checkpoint was saved (exit code 130)."""
 
 
-class SetupError(ValueError):
-    """Bad input found before training starts: a run folder, a resume target (exit code 2)."""
+SetupError = errors.SetupError
+"""Bad input found before training starts (``hpt_dsl.errors.SetupError``, exit code 2)."""
 
 
 @dataclass
@@ -91,10 +94,11 @@ def step_questions(n_train: int, per_step: int, step: int, seed: int) -> list[in
     return out
 
 
-def sample_seed(seed: int, step: int, rank: int = 0) -> int:
+def sample_seed(seed: int, step: int, rank: int = 0, round_: int = 0) -> int:
     """The rollout sampler's seed of a step: a function of (seed, step), and of the process
-    in a multi-process run, so that processes draw different samples for their questions."""
-    return seed * 1_000_003 + step + rank * 104_729_000_003
+    in a multi-process run, so that processes draw different samples for their questions,
+    and of the sampling round under dynamic sampling (``hpt_dsl.sampling``)."""
+    return seed * 1_000_003 + step + rank * 104_729_000_003 + round_ * 15_485_863_000_029
 
 
 def start_processes(settings: Any) -> None:
@@ -108,9 +112,16 @@ def start_processes(settings: Any) -> None:
                 f"\"{settings.learner.engine}\"; several processes need learner.engine = \"deepspeed\""
             )
         return
-    from hpt_dsl.learner.deepspeed import init_distributed
+    from hpt_dsl.learner.deepspeed import import_deepspeed, init_distributed
     from hpt_dsl.learner.ds_config import preflight
 
+    try:
+        import_deepspeed()
+    except ImportError:
+        raise SetupError(
+            "learner.engine = \"deepspeed\" needs DeepSpeed, which is not installed in this environment; "
+            "fix: pip install 'deepspeed>=0.19.8,<0.20' (or pip install -e '.[deepspeed]')"
+        ) from None
     preflight(settings)
     if world > 1:
         init_distributed()
@@ -131,6 +142,8 @@ class Trainer:
         from hpt_dsl.rollout.base import make_rollout_engine
 
         hf_logging.disable_progress_bar()  # the run has its own live view
+        if not torch.cuda.is_available():  # DeepSpeed's own choice on a CPU, named, so that a library
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # importing it (accelerate) prints no warning
 
         self.recipe = recipe
         self.s = recipe.settings
@@ -147,8 +160,8 @@ class Trainer:
         loaded = load_model(self.s.model, self.s.train.seed, run_dir) if dist.is_main() else None
         dist.barrier()
         model, self.tokenizer = loaded or load_model(self.s.model, self.s.train.seed, run_dir)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
+        if torch.cuda.is_available() and self.s.learner.engine != "deepspeed":
+            model = model.to("cuda")  # DeepSpeed places the model itself (ZeRO-3: one parameter at a time)
         self.prompts = PromptCache(self.tokenizer, self.s.model)
         self.learner = make_learner(recipe, model, self.tokenizer)
         self.device = next(self.learner.model.parameters()).device
@@ -156,6 +169,7 @@ class Trainer:
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.demo_rewards: dict[int, float] = {}
         self.bad_steps = 0
+        self._generated, self._scoring_s = 0, 0.0  # of the current step's rollouts
 
     # ----- data of one step --------------------------------------------------------------------
 
@@ -164,39 +178,53 @@ class Trainer:
         t0 = time.perf_counter()
         idx = step_questions(len(self.task.train), s.train.questions, step, s.train.seed)
         questions = [self.task.train[i] for i in idx[self.shard.start : self.shard.stop]]
+        rollouts: list[Rollout] = []
+        scores: list[float] = []
+        filled = None
+        self._generated, self._scoring_s = 0, 0.0  # over every sampling round
+        if needs.rollouts and s.rollout.dynamic_sampling:
+            filled = fill_share(lambda r, need: self._round(idx, step, r, need), len(questions),
+                                s.rollout.max_sampling_rounds, lambda need: dist.all_reduce_max(int(need)) > 0)
+            questions, rollouts, scores = flatten(filled.groups)
+        elif needs.rollouts:
+            rollouts, scores = self._generate(questions, step, 0)
         prompts = [self.prompts.prompt(q) for q in questions]
-        rollouts = []
-        if needs.rollouts:
-            params = SamplingParams(
-                n=s.rollout.n,
-                temperature=s.rollout.temperature,
-                top_p=s.rollout.top_p,
-                top_k=s.rollout.top_k,
-                max_new_tokens=s.rollout.max_new_tokens,
-                seed=sample_seed(s.train.seed, step, dist.rank()),
-            )
-            rollouts = self.engine.generate(prompts, params)
         t1 = time.perf_counter()
-        texts = [self.tokenizer.decode(list(r.token_ids), skip_special_tokens=True) for r in rollouts]
-        answers = [questions[r.prompt_index].answer for r in rollouts]
-        rewards = score_batch(self.task.reward_fn, texts, answers)
+        penalties = [overlong_penalty(len(r.token_ids), s.rollout.max_new_tokens, s.rollout.overlong_cache,
+                                      s.rollout.overlong_penalty) for r in rollouts]  # fmt: skip
+        rewards = [x + p for x, p in zip(scores, penalties, strict=True)]
         demos = [self.prompts.demo(q) if needs.demos else None for q in questions]
         demo_rewards = [self._demo_reward(q) if d is not None else 0.0 for q, d in zip(questions, demos, strict=True)]
         batch = build_train_batch(prompts, rollouts, rewards, demos, demo_rewards, self.pad_id)
+        # out of the loss: the zero-variance groups that complete a short share, truncated responses
+        out = torch.isin(batch.group_ids, torch.arange(filled.trained, len(questions))) if filled else None
+        if s.rollout.mask_truncated and rollouts:
+            cut = torch.tensor([r.finish_reason == "length" for r in rollouts] + [False] * (len(batch) - len(rollouts)))
+            out = cut if out is None else out | cut
+        if out is not None:
+            batch = batch.exclude(out)
         batch = batch.to(self.device)
         t2 = time.perf_counter()
+        groups = groups_of(questions, rollouts, scores)[: filled.trained if filled else None] if rollouts else []
+        trained = sum(len(g.rollouts) for g in groups)  # the rollouts of the groups the step trains on
         total = dist.sum_metrics(  # over the questions of every process
             {
-                "rollouts": float(len(rollouts)),
-                "reward": float(sum(rewards)),
-                "correct": float(sum(r >= 0.5 for r in rewards)),
-                "tokens": float(sum(len(r.token_ids) for r in rollouts)),
-                "truncated": float(sum(r.finish_reason == "length" for r in rollouts)),
+                "rollouts": float(trained),
+                "reward": float(sum(scores[:trained])),  # the verifier's scores; shaping is reward/overlong
+                "correct": float(sum(r >= 0.5 for r in scores[:trained])),
+                "tokens": float(sum(len(r.token_ids) for r in rollouts[:trained])),
+                "generated": float(self._generated),
+                "truncated": float(sum(r.finish_reason == "length" for r in rollouts[:trained])),
                 "demos": float(sum(d is not None for d in demos)),
                 "rows": float(len(batch)),
+                "groups": float(len(groups)),
+                "zero_var": float(sum(zero_variance(g.scores) for g in groups)),
+                "overlong": float(sum(penalties[:trained])),
+                **(_sampling_counts(filled) if filled else {}),
             }
         )
         n = max(total["rollouts"], 1.0)
+        gen_s = t1 - t0 - self._scoring_s
         info = {
             "reward/mean": total["reward"] / n,
             "acc": total["correct"] / n,
@@ -204,11 +232,47 @@ class Trainer:
             "truncated": total["truncated"] / n,
             "demos": total["demos"],
             "rows": int(total["rows"]),
-            "tokens_per_s": total["tokens"] / (t1 - t0) if rollouts and t1 > t0 else 0.0,
-            "time/rollout": t1 - t0,
-            "time/reward": t2 - t1,
+            "tokens_per_s": total["generated"] / gen_s if rollouts and gen_s > 0 else 0.0,
+            "time/rollout": gen_s,
+            "time/reward": t2 - t1 + self._scoring_s,
         }
+        if needs.rollouts:
+            info["groups/zero_var"] = total["zero_var"] / max(total["groups"], 1.0)
+        if s.rollout.overlong_cache and rollouts:
+            info["reward/overlong"] = total["overlong"] / n
+        if filled is not None:
+            info.update({f"sampling/{k}": total[k] for k in ("drawn", "dropped", "surplus", "short")})
+            info["sampling/acc"] = total["drawn_correct"] / max(total["drawn_rollouts"], 1.0)
+            info["sampling/rounds"] = filled.rounds  # the same in every process
         return batch, info
+
+    def _generate(self, questions: list[Any], step: int, round_: int) -> tuple[list[Rollout], list[float]]:
+        """This process's rollouts of ``questions`` in sampling round ``round_``, and their
+        verifier scores."""
+        s = self.s
+        params = SamplingParams(
+            n=s.rollout.n,
+            temperature=s.rollout.temperature,
+            top_p=s.rollout.top_p,
+            top_k=s.rollout.top_k,
+            max_new_tokens=s.rollout.max_new_tokens,
+            seed=sample_seed(s.train.seed, step, dist.rank(), round_),
+        )
+        rollouts = self.engine.generate([self.prompts.prompt(q) for q in questions], params)
+        texts = [self.tokenizer.decode(list(r.token_ids), skip_special_tokens=True) for r in rollouts]
+        answers = [questions[r.prompt_index].answer for r in rollouts]
+        t = time.perf_counter()
+        scores = score_batch(self.task.reward_fn, texts, answers)
+        self._scoring_s += time.perf_counter() - t
+        self._generated += sum(len(r.token_ids) for r in rollouts)
+        return rollouts, scores
+
+    def _round(self, first: list[int], step: int, round_: int, need: bool) -> list[Any]:
+        """Dynamic sampling: this process's groups of sampling round ``round_`` of ``step``
+        (none when ``need`` is False: the process only joins the round's sampling call)."""
+        idx = round_questions(first, len(self.task.train), step, self.s.train.seed, round_)
+        questions = [self.task.train[i] for i in idx[self.shard.start : self.shard.stop]] if need else []
+        return groups_of(questions, *self._generate(questions, step, round_))
 
     def _demo_reward(self, q: Any) -> float:
         if q.id not in self.demo_rewards:
@@ -261,6 +325,14 @@ class Trainer:
             passes["values"] = scatter(self.learner.values(sub))
         return passes
 
+    def _step_moments(self, batch: TrainBatch, step: int, passes: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """The whitening moments of the advantages standardised over the whole step (PPO's
+        whitened GAE, REINFORCE++, batch_norm), taken once over the step's rows of every
+        process, so that each optimizer mini-batch whitens with the step's statistics."""
+        if not self.program.step_whitened or self.s.train.mini_batches == 1:
+            return None
+        return self._prepare(batch, step, **passes).moments
+
     def _mini_batches(self, batch: TrainBatch, step: int, epoch: int) -> list[torch.Tensor]:
         """Row indices (this process's) of each optimizer mini-batch: whole questions (advantage
         groups stay together), the step's questions shuffled per epoch from the seed and cut
@@ -284,6 +356,7 @@ class Trainer:
         single = s.train.epochs == 1 and s.train.mini_batches == 1
         old_is_current = single and s.rollout.old_logprobs == "learner"
         passes = self._passes(batch, step, old_is_current)
+        moments = self._step_moments(batch, step, passes)
         t_passes = time.perf_counter()
         metrics: dict[str, float] = {}
         grad_norms, skipped, n_updates = [], False, 0
@@ -317,14 +390,6 @@ class Trainer:
 
     # ----- evaluation -----------------------------------------------------------------------
 
-    def _step_moments(self, batch: TrainBatch, step: int, passes: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-        """The whitening moments of the advantages standardised over the whole step (PPO's
-        whitened GAE, REINFORCE++, batch_norm), taken once over the step's rows of every
-        process, so that each optimizer mini-batch whitens with the step's statistics."""
-        if not self.program.step_whitened or self.s.train.mini_batches == 1:
-            return None
-        return self._prepare(batch, step, **passes).moments
-
     def evaluate(self) -> dict[str, Any] | None:
         from hpt_dsl.evaluate import evaluate
 
@@ -348,7 +413,6 @@ class Trainer:
             self.tokenizer,
             self.task.test,
             reward,
-        moments = self._step_moments(batch, step, passes)
             s.train.eval_n,
             params,
             encode=lambda q: self.prompts.prompt(q, "test"),
@@ -358,6 +422,18 @@ class Trainer:
     def close(self) -> None:
         self.engine.close()
         self.learner.close()
+
+
+def _sampling_counts(filled: Filled) -> dict[str, float]:
+    """This process's dynamic-sampling counts, summed over processes into the step's."""
+    return {
+        "drawn": float(filled.drawn),
+        "dropped": float(filled.dropped),
+        "surplus": float(filled.surplus),
+        "short": float(filled.short),
+        "drawn_correct": float(filled.drawn_correct),
+        "drawn_rollouts": float(filled.drawn_rollouts),
+    }
 
 
 def _rows(batch: TrainBatch, rows: torch.Tensor) -> TrainBatch:
@@ -446,27 +522,62 @@ def train(
     json_stream: TextIO | None = None,
     plots: bool = False,
 ) -> RunResult:
-    """Run ``recipe`` into ``run_dir`` (continuing its latest checkpoint when ``resume``);
-    with ``json_logs`` every metrics line is also written to ``json_stream`` (stdout); with
-    ``plots`` the run's figures are drawn into ``run_dir/plots`` at the end."""
+    """Run ``recipe`` into ``run_dir`` (continuing its latest complete checkpoint when
+    ``resume``); with ``json_logs`` every metrics line is also written to ``json_stream``
+    (stdout); with ``plots`` the run's figures are drawn into ``run_dir/plots`` at the end.
+    A write that fails, or another process of the run that stops, raises ``RunFault``."""
+    try:
+        return _train(recipe, run_dir, resume, quiet, json_logs, json_stream, plots)
+    except (RunFault, RunInterrupted, SetupError, ckpt.CheckpointError):
+        raise
+    except Exception as err:
+        last = ckpt.latest_checkpoint(run_dir)
+        kept = f"The last complete checkpoint is {last.name}" if last else "No checkpoint was written"
+        if dist.active() and is_lost_peer(err):
+            world = dist.world_size()
+            then = f"{kept}: continue with --resume {run_dir} on {world} processes."
+            raise lost_peer(err, dist.rank(), world, then) from err
+        if is_disk_error(err):
+            where = Path(err.filename) if isinstance(err, OSError) and err.filename else run_dir
+            raise write_fault("the run's files", where, err, then=f"{kept}: free some space, then --resume "
+                              f"{run_dir}.") from err
+        raise
+
+
+def _train(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool,
+    quiet: bool,
+    json_logs: bool,
+    json_stream: TextIO | None,
+    plots: bool,
+) -> RunResult:
     s = recipe.settings
     started = time.perf_counter()
     keep_freed_memory()  # one step's memory serves the next (hpt_dsl.malloc)
     main = dist.is_main()
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
     if not resume and run_dir.exists() and (run_dir / "metrics.jsonl").exists():
         raise SetupError(f"run folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
     start_processes(s)
     dist.barrier()  # every process has looked at the run folder before the first one writes
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if main:
-        if recipe.source:
-            (run_dir / "recipe.hpt").write_text(recipe.source)
-        _write_run_json(run_dir, recipe, completed=False, processes=dist.world_size())
     reporter = Reporter(
         run_dir, s.train.steps, quiet=quiet, json_logs=json_logs, json_stream=json_stream, writes=main
     )
+    latest = ckpt.choose_resume(run_dir, reporter.warning) if resume else None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if main:
+            if recipe.source:
+                (run_dir / "recipe.hpt").write_text(recipe.source)
+            _write_run_json(run_dir, recipe, completed=False, processes=dist.world_size())
+    except OSError as err:
+        raise write_fault("the run folder", run_dir, err) from err
     trainer = Trainer(recipe, run_dir, reporter)
+    need = ckpt.size_of(latest) or ckpt.estimate_bytes(trainer.learner, s.learner.engine)
+    final_bytes = ckpt.estimate_bytes(trainer.learner, s.learner.engine, weights_only=True)
+    if main and (low := space_warning(run_dir, need, final_bytes)):
+        reporter.warning(low)
     start_step, elapsed_before = 0, 0.0
     if latest is not None:
         state = ckpt.load_checkpoint(latest, trainer.learner)
@@ -480,15 +591,17 @@ def train(
         truncate_metrics(run_dir / "metrics.jsonl", -1)
 
     def evaluate(step: int) -> None:
-        """The held-out evaluation, by the first process (the others wait for it)."""
-        ev = trainer.evaluate() if main else None
-        if ev is not None:
+        """The held-out evaluation, by the first process (the others wait for it); by every
+        process when the engine samples in lockstep (ZeRO-3), rank 0 reporting."""
+        ev = trainer.evaluate() if main or trainer.engine.lockstep else None
+        if ev is not None and main:
             reporter.evaluation(step, ev)
         dist.barrier()
 
     def save(step: int) -> None:
         elapsed = elapsed_before + time.perf_counter() - started
-        ckpt.save_checkpoint(run_dir, step, trainer.learner, {"bad_steps": trainer.bad_steps, "elapsed": elapsed})
+        state = {"bad_steps": trainer.bad_steps, "elapsed": elapsed}
+        ckpt.save_checkpoint(run_dir, step, trainer.learner, state, keep=s.train.keep_checkpoints, need=need)
 
     try:
         with reporter, _StopFlag() as stop:
@@ -522,25 +635,18 @@ def train(
                     raise RunInterrupted(
                         f"interrupted at step {done}; checkpoint saved, resume with --resume {run_dir}"
                     )
-            final_dir = run_dir / "final-model"
-            if main and final_dir.exists():
-                shutil.rmtree(final_dir)
-            dist.barrier()
-            trainer.learner.save_pretrained(final_dir)
+            ckpt.save_final_model(run_dir / "final-model", trainer.learner, final_bytes)
     except KeyboardInterrupt:
         raise RunInterrupted(f"interrupted; resume from the last checkpoint with --resume {run_dir}") from None
     finally:
         trainer.close()
     wall = elapsed_before + time.perf_counter() - started
     if main:
-        _write_run_json(
-            run_dir,
-            recipe,
-            completed=True,
-            wall_s=wall,
-            final_eval=reporter.last_eval or None,
-            first_eval=reporter.first_eval,
-        )
+        try:
+            _write_run_json(run_dir, recipe, completed=True, wall_s=wall, final_eval=reporter.last_eval or None,
+                            first_eval=reporter.first_eval)
+        except OSError as err:
+            raise write_fault("run.json", run_dir, err, then="The final model is complete.") from err
     extra = {"run folder": str(run_dir), "final model": str(run_dir / "final-model")}
     if plots and main:
         extra["figures"] = _draw(run_dir, reporter)
@@ -550,12 +656,15 @@ def train(
 
 def _draw(run_dir: Path, reporter: Reporter) -> str:
     """The run's figures (``hpt-dsl plot``) in ``run_dir/plots``; a failure to draw is a
-    message, never a failed run."""
+    message, a failure to write them (a full disk) a ``RunFault`` that says the run is complete."""
     try:
         from hpt_dsl.plot import plot_runs
 
         paths = plot_runs([run_dir], run_dir / "plots")
     except Exception as err:  # the run itself is complete: say why there is no figure
+        if isinstance(err, OSError) or is_disk_error(err):
+            raise write_fault("the figures", run_dir / "plots", err, then="The run and its final model are "
+                              f"complete; draw the figures again with: hpt-dsl plot {run_dir}") from err
         reporter.message(f"no figures: {err}")
         return "none"
     return f"{run_dir / 'plots'} ({len([p for p in paths if p.suffix == '.png'])} PNG + SVG)"
