@@ -189,3 +189,14 @@ def test_finished_rows_leave_by_moving_the_last_running_rows_into_their_slots() 
     _select_rows(cache, order)
     for layer, (keys, values) in zip(cache.layers, before, strict=True):
         assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.values, values[order])
+
+
+def test_sampler_keeps_tokens_in_the_vocabulary_when_logits_are_not_finite() -> None:
+    """Weights that diverged give NaN logits: the sampled index stays a token id and its log-prob
+    is NaN (the loop's non-finite check stops the run), rather than an index error here."""
+    from hpt_dsl.rollout.base import SamplingParams
+
+    x = torch.full((3, 11), float("nan"))
+    gen = torch.Generator().manual_seed(0)
+    nxt, lp = _sample(x, SamplingParams(n=1, temperature=1.0), gen)
+    assert nxt.tolist() == [10, 10, 10] and torch.isnan(lp).all()

@@ -1,8 +1,8 @@
 """Faults, injected into real files and real processes: kill -9 at every point of a checkpoint
 write and at random times, damaged checkpoint files, a full disk (a small tmpfs, and ENOSPC
 injected at every write site), a missing DeepSpeed, one of two processes killed. Each ends
-as the README's reliability table says: the run resumes to the same metrics, or stops with
-one clear message and a documented exit code, never a traceback."""
+as the reliability page's table says (docs/reliability.md): the run resumes to the same
+metrics, or stops with one clear message and a documented exit code, never a traceback."""
 
 from __future__ import annotations
 

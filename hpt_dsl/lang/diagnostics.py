@@ -10,7 +10,7 @@ Rendered in the style of rustc and Elm:
       = help: did you mean 'group_norm'?
 
 Codes are stable (tests and ``--json`` consumers rely on them); the table lives in
-``CODES`` and in the README.
+``CODES`` and in the language reference (docs/language.md).
 """
 
 from __future__ import annotations

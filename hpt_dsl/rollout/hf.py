@@ -86,7 +86,10 @@ def _sample(x: Tensor, params: SamplingParams, gen: torch.Generator) -> tuple[Te
             probs = torch.softmax(filter_logits(x, params.top_k, params.top_p), dim=-1)
         cdf = probs.double().cumsum(-1)
         r = torch.rand(x.shape[0], 1, dtype=torch.float64, generator=gen, device=x.device)
-        nxt = torch.searchsorted(cdf, (1 - r) * cdf[:, -1:]).squeeze(1)
+        # non-finite logits (weights that diverged) give a NaN cdf, which searchsorted places past
+        # the end: keep the index in the vocabulary, so that the NaN log-prob reaches the loop's
+        # non-finite check (a skipped step, then exit 3) instead of an index error here
+        nxt = torch.searchsorted(cdf, (1 - r) * cdf[:, -1:]).squeeze(1).clamp(max=x.shape[-1] - 1)
     return nxt, lp.gather(1, nxt[:, None]).squeeze(1)
 
 
