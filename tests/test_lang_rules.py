@@ -261,6 +261,26 @@ def test_gate_branch_that_is_never_taken() -> None:
     assert "else branch" in d.message and d.hint is not None and "step is 0..19" in d.hint
 
 
+def test_pass_rate_threshold_between_grid_points_names_the_equivalent_one() -> None:
+    four = SEVERAL_STEPS + "rollout.n = 4\n"
+    d = one(four + "loss = if acc > 1/8 then grpo else sft", "W033")
+    assert d.message == ("with rollout.n = 4, acc is a multiple of 1/4: `acc > 0.125` selects the same "
+                         "questions as `acc > 0`") and at(d) == (3, 11)  # fmt: skip
+    assert "rollout.n = 8" in (d.hint or "")
+    d = one(four + "loss = if acc >= 0.3 and step > 2 then grpo else sft", "W033")
+    assert "`acc >= 0.5`" in d.message
+    d = one(four + "loss = if 0.6 < acc then grpo else sft", "W033")
+    assert "`0.5 < acc`" in d.message
+    # a prelude loss under the recipe's own gamma: reported where gamma is set
+    d = one(four + "let gamma = 1/8\nloss = hpt", "W033")
+    assert at(d) == (3, 5) and "`acc > 0`" in d.message
+    d = one(four + "loss = hpt", "W033", overrides=["gamma=0.1"])
+    assert d.file == "--set"
+    for text in ("rollout.n = 8\nlet gamma = 1/8\nloss = hpt", "loss = if acc > 0.25 then grpo else sft",
+                 "loss = if acc > 0 then grpo else sft", "loss = if acc == 0.3 then grpo else sft"):
+        assert [d for d in diags(four + text) if d.code == "W033"] == [], text
+
+
 def test_reachable_gates_do_not_warn() -> None:
     for cond in (
         "acc > 0",

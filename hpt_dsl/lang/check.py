@@ -131,6 +131,8 @@ class Checker:
         self.prelude = dict(scope)
         self.settings = settings
         self.overrides = dict(const_overrides or {})
+        self.set_at: dict[str, ast.Pos] = {}
+        """Where ``--set NAME=value`` changed a prelude constant."""
         self.set_sink = set_sink
         self.pending: dict[str, ast.Pos] = {}
         self.gates: list[GateUse] = []
@@ -231,6 +233,7 @@ class Checker:
         for name in list(self.overrides):
             b = self.scope.get(name)
             if b is not None and b.pos.src == PRELUDE and name not in redefined:
+                self.set_at[name] = self.overrides[name].pos
                 self.scope[name] = Binding(self._override(name, b.value), b.pos)
 
     def _unused_overrides(self) -> None:
@@ -304,8 +307,15 @@ class Checker:
         self.scope, self.sink, self.gates = {**self.prelude, **consts}, Sink(PRELUDE, ""), []
         try:
             v = self.expr(b.node)
+            inner = self.gates
         finally:
             self.scope, self.sink, self.gates = saved
+        name = next(k for k, c in consts.items() if self.prelude[k].value != c.value)
+        at_set = name in self.set_at and self.set_sink is not None
+        sink, pos = (self.set_sink, self.set_at[name]) if at_set else (self.sink, consts[name].pos)
+        for use in inner:
+            for cond, _ in use.conds:
+                rules.check_off_grid(self, cond, pos, sink)
         return v if isinstance(v, LossV) else b.value  # type: ignore[return-value]
 
     def _name_hint(self, name: str) -> str:

@@ -57,6 +57,7 @@ CODES: dict[str, str] = {
     "W030": "gate branch that can never be taken",
     "W031": "clip mask with denom=pi_theta (the ratio is identically 1)",
     "W032": "knob with no effect in the configured run",
+    "W033": "pass-rate threshold between two values acc can take",
 }
 
 

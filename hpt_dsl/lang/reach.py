@@ -95,6 +95,28 @@ def outcomes(c: Cond, env: dict[str, Interval]) -> set[bool]:
     return {True, False}
 
 
+def off_grid(c: Cond, n: int) -> list[tuple[Compare, float]]:
+    """Comparisons of ``acc`` with a constant between two of its values k/n: ``acc > c``
+    holds for the same k as ``acc > floor(c·n)/n`` (``>=``, ``<``: ``ceil(c·n)/n``), so the
+    constant acts only through the grid point below or above it. [(comparison, that point)]."""
+    if isinstance(c, Not):
+        return off_grid(c.operand, n)
+    if isinstance(c, BoolOp):
+        return [hit for i in c.items for hit in off_grid(i, n)]
+    if not isinstance(c, Compare) or n < 1 or n > MAX_ENUMERATED_N or c.op in ("==", "!="):
+        return []
+    if isinstance(c.left, Stat) and c.left.name == "acc" and isinstance(c.right, Const):
+        value, up = c.right.value, c.op in (">=", "<")
+    elif isinstance(c.right, Stat) and c.right.name == "acc" and isinstance(c.left, Const):
+        value, up = c.left.value, c.op in ("<=", ">")
+    else:
+        return []
+    scaled = value * n
+    if not 0 < value < 1 or math.isclose(scaled, round(scaled), abs_tol=1e-9):
+        return []
+    return [(c, (math.ceil(scaled) if up else math.floor(scaled)) / n)]
+
+
 def dead_branches(conds: list[Cond], n: int, steps: int) -> tuple[list[tuple[int, str]], bool]:
     """([(branch index, why)], else_dead) for a gate's conditions."""
     envs = environments(n, steps)

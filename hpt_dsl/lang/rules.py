@@ -29,10 +29,15 @@ from hpt_dsl.lang.components import CLIP_MASKS, GROUP_ADVANTAGES, show
 from hpt_dsl.lang.plugins import Plugin
 from hpt_dsl.recipe import (
     OLD_DENOMS,
+    Compare,
+    Cond,
+    Const,
     EstimatorSpec,
     LossExpr,
     Needs,
     estimator_needs,
+    num,
+    show_cond,
 )
 from hpt_dsl.recipe import stats_used as recipe_stats_used
 from hpt_dsl.recipe import terms as recipe_terms
@@ -40,6 +45,8 @@ from hpt_dsl.settings import Settings
 
 if TYPE_CHECKING:
     from hpt_dsl.lang.check import Checker, EstV, GateUse
+    from hpt_dsl.lang.diagnostics import Sink
+
 
 def check_estimator(ck: Checker, est: EstV, s: EstimatorSpec) -> None:
     sink = ck.sink
@@ -146,6 +153,8 @@ def check_reachable(ck: Checker, use: GateUse) -> None:
             node.pos,  # type: ignore[union-attr]
             hint=ranges or "remove the branch or change its condition",
         )
+    for cond, node in use.conds:
+        check_off_grid(ck, cond, node.pos)  # type: ignore[union-attr]
     if else_dead and not dead:
         ck.sink.warning(
             "W030",
@@ -153,6 +162,26 @@ def check_reachable(ck: Checker, use: GateUse) -> None:
             use.orelse.pos,
             hint=ranges or "remove a condition",
         )  # type: ignore[union-attr]
+
+
+def check_off_grid(ck: Checker, cond: Cond, pos: object, sink: Sink | None = None) -> None:
+    """W033 for each comparison of ``acc`` with a constant between two of its values k/n,
+    into ``sink`` (the recipe's by default)."""
+    sink = sink or ck.sink
+    if ck.settings is None:
+        return
+    n = ck.settings.rollout.n
+    for cmp, point in reach.off_grid(cond, n):
+        grid = Const(point)
+        same = Compare(cmp.op, cmp.left, grid) if isinstance(cmp.right, Const) else Compare(cmp.op, grid, cmp.right)
+        sink.warning(
+            "W033",
+            f"with rollout.n = {n}, acc is a multiple of 1/{n}: `{show_cond(cmp)}` selects the same "
+            f"questions as `{show_cond(same)}`",
+            pos,
+            hint="sample n rollouts for which the threshold is a multiple of 1/n (the HPT paper's "
+            f"γ = 1/8 and 2/8 are for rollout.n = 8), or write {num(point)}",
+        )
 
 
 def _ranges(stats: set[str], st: Settings) -> str:
