@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +142,18 @@ def test_agg_mode_must_match_the_recipe() -> None:
     name = register(recipe("token_mean"), name=f"hpt_vanilla_{next(_names)}")
     with pytest.raises(IntegrationError, match="loss_agg_mode=token-mean"):
         run(core_algos.get_policy_loss_fn(name), batch(0), "seq-mean-token-mean", slice(None), {})
+
+
+def test_verl_imports_the_registration_in_every_process(tmp_path: Path) -> None:
+    """verl imports the modules named in VERL_USE_EXTERNAL_MODULES on ``import verl`` (driver
+    and Ray workers alike): a module that calls ``register`` makes the name known there."""
+    (tmp_path / "my_losses.py").write_text(
+        "from hpt_dsl.integrations.verl import register\n"
+        f"register({recipe('token_mean')!r}, name='hpt_env')\n"
+    )
+    check = ("from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn\n"
+             "print(get_policy_loss_fn('hpt_env').__name__, get_adv_estimator_fn('hpt_env').__name__)")  # fmt: skip
+    env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "my_losses", "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["hpt_policy_loss", "hpt_advantage"]
