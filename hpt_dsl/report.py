@@ -22,7 +22,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -30,6 +30,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from hpt_dsl.faults import write_fault
+
+if TYPE_CHECKING:
+    from hpt_dsl.trackers import Trackers
 
 TIMING_KEYS = ("time", "time/")
 """Keys that differ between two runs of the same seed (wall-clock figures)."""
@@ -79,8 +82,10 @@ class Reporter:
         json_logs: bool = False,
         json_stream: TextIO | None = None,
         writes: bool = True,
+        trackers: Trackers | None = None,
     ) -> None:
         self.writes = writes  # False on every process of a multi-process run but the first
+        self.trackers = trackers  # hpt_dsl.trackers.Trackers: each line written goes to them too
         self.path = run_dir / "metrics.jsonl"
         quiet = quiet or not writes
         json_logs = json_logs and writes
@@ -134,6 +139,8 @@ class Reporter:
         if self.json_logs:
             self.json_stream.write(line + "\n")
             self.json_stream.flush()
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def step(self, row: dict[str, Any]) -> None:
         self._write(row)
