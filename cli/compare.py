@@ -10,11 +10,11 @@ Exit codes: 0 done, 1 a recipe has errors, 2 usage (missing file, bad --set, bad
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 
 import typer
 from hpt_dsl.cli.check import SET_HELP, print_diagnostics
+from hpt_dsl.cli.exits import exit_codes
 from rich.console import Console
 
 from hpt_dsl.compare import Job, compare, rich_table
@@ -50,23 +50,17 @@ def compare_command(
 
     from concurrent.futures.process import BrokenProcessPool
 
-    from hpt_dsl.cli.run import _bad_input_errors
-
-    from hpt_dsl.train import RunInterrupted
+    from hpt_dsl.process import RunInterrupted
 
     try:
-        result = compare(
-            recipes, seeds, overrides, out, parallel=jobs, threads=threads, on_event=event, pass_k=pass_k
-        )
+        with exit_codes(console, debug):
+            result = compare(
+                recipes, seeds, overrides, out, parallel=jobs, threads=threads, on_event=event, pass_k=pass_k
+            )
     except (KeyboardInterrupt, RunInterrupted):
         console.print("[yellow]interrupted: finished runs are kept and reused, unfinished ones resumed "
                       "when the same command runs again[/yellow]")
         raise typer.Exit(130) from None
-    except _bad_input_errors() as e:
-        if debug:
-            traceback.print_exc()
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
     except BrokenProcessPool:
         console.print("[red]error:[/red] a training process died (out of memory?); finished runs are kept. "
                       "Run the same command again, with fewer --jobs")

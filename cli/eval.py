@@ -12,16 +12,13 @@ Exit codes: 0 done, 2 bad input (a missing model or data file, a bad column, a b
 from __future__ import annotations
 
 import json
-import re
-import traceback
 from pathlib import Path
 from typing import Any
 
 import typer
+from hpt_dsl.cli.exits import exit_codes
 from rich.console import Console
 from rich.table import Table
-
-NOTE = "Scores of the model as given on these sets; no checkpoint was selected by them."
 
 
 def eval_command(
@@ -52,16 +49,17 @@ def eval_command(
 
     The results JSON goes to --output (default: RUN/eval.json for a run folder, else eval-MODEL.json).
     """
+    from hpt_dsl.evaluate import NOTE, default_results_path, evaluate_model
+
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    opts = dict(locals())
-    try:
-        results = _evaluate(opts, console)
-    except _bad_input_errors() as e:
-        if debug:
-            traceback.print_exc()
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    path = output or _default_output(model)
+    with exit_codes(console, debug):
+        results = evaluate_model(
+            model, data, k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, engine=engine,
+            reward=reward, reward_timeout=reward_timeout, max_questions=max_questions, question_key=question_key,
+            answer_key=answer_key, system_prompt=system_prompt, prompt_template=prompt_template, dtype=dtype,
+            batch=batch, seed=seed, progress=None if as_json else console.print,
+        )  # fmt: skip
+    path = output or default_results_path(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
     if as_json:
@@ -70,97 +68,6 @@ def eval_command(
         Console(highlight=False).print(results_table(results))
         console.print(NOTE)
         console.print(f"results: {path}")
-
-
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from pydantic import ValidationError
-
-    from hpt_dsl import models
-    from hpt_dsl.data.files import DataError
-    from hpt_dsl.data.verify import RewardError
-    from hpt_dsl.rollout.vllm import RolloutEngineError
-
-    return (models.ModelError, DataError, RewardError, RolloutEngineError, ValidationError, FileNotFoundError)
-
-
-def _run_settings(model: str) -> dict[str, Any] | None:
-    """The settings a run folder was trained with (``run.json``), or None for a plain model."""
-    run_json = Path(model).expanduser() / "run.json"
-    if not run_json.is_file():
-        return None
-    try:
-        return json.loads(run_json.read_text()).get("settings")
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _default_output(model: str) -> Path:
-    if _run_settings(model) is not None:
-        return Path(model) / "eval.json"
-    return Path(f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(model).name or model)}.json")
-
-
-def _evaluate(o: dict[str, Any], console: Console) -> dict[str, Any]:
-    """Load model, data and reward as the options ``o`` say; evaluate every benchmark."""
-    from hpt_dsl import hub
-    from hpt_dsl.data.files import load_benchmarks
-    from hpt_dsl.data.verify import make_reward
-    from hpt_dsl.evaluate import evaluate
-    from hpt_dsl.prompting import PromptCache
-    from hpt_dsl.rollout.base import SamplingParams, make_rollout_engine
-    from hpt_dsl.settings import DataSettings, ModelSettings, RolloutSettings, Settings
-
-    trained = _run_settings(o["model"]) or {}
-    model_fields = dict(trained.get("model", {}))
-    checkpoint = hub.resolve(o["model"])
-    model_fields["name"] = checkpoint
-    for key in ("system_prompt", "prompt_template", "dtype"):
-        if o[key] is not None:
-            model_fields[key] = o[key]
-    data_fields = {"reward": "reward", "reward_timeout": "reward_timeout", "max_test": "max_questions",
-                   "question_key": "question_key", "answer_key": "answer_key"}
-    settings = Settings(
-        model=ModelSettings(**model_fields),
-        data=DataSettings(**{field: o[opt] for field, opt in data_fields.items()}),
-        rollout=RolloutSettings(engine=o["engine"], max_new_tokens=o["max_new_tokens"]),
-    )
-    benchmarks: dict[str, list[Any]] = {}
-    for path in o["data"]:
-        for name, questions in load_benchmarks(path, settings.data).items():
-            while name in benchmarks:
-                name += "'"
-            benchmarks[name] = questions
-    reward_fn = make_reward(settings.data)
-    net, tokenizer = hub.load_pretrained(settings.model)
-    rollout = make_rollout_engine(settings, net, tokenizer)
-    prompts = PromptCache(tokenizer, settings.model)
-    k = o["k"]
-    sampling = {key: o[key] for key in ("k", "temperature", "top_p", "max_new_tokens", "seed", "engine")}
-    params = SamplingParams(n=k, temperature=o["temperature"], top_p=o["top_p"],
-                            max_new_tokens=o["max_new_tokens"], seed=o["seed"])
-    out: dict[str, Any] = {}
-    try:
-        for name, questions in benchmarks.items():
-            if not o["as_json"]:
-                console.print(f"{name}: {len(questions)} questions x {k} samples ...")
-            out[name] = evaluate(rollout, tokenizer, questions, reward_fn, k, params,
-                                 encode=lambda q, split=name: prompts.prompt(q, split),
-                                 batch_questions=o["batch"])
-    finally:
-        rollout.close()
-        close = getattr(reward_fn, "close", None)
-        if callable(close):
-            close()
-    prompt = settings.model.model_dump(include={"system_prompt", "prompt_template"})
-    return {
-        "model": o["model"],
-        "checkpoint": checkpoint,
-        "prompt": prompt,
-        "sampling": sampling,
-        "reward": o["reward"],
-        "note": NOTE,
-        "benchmarks": out,
-    }
 
 
 def results_table(results: dict[str, Any]) -> Table:

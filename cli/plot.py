@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from hpt_dsl.cli.exits import exit_codes
 from rich.console import Console
 
 from hpt_dsl.plot import FORMATS, plot_runs
-from hpt_dsl.runs import RunError, load_run
+from hpt_dsl.runs import load_run
 
 
 def plot_command(
@@ -26,11 +27,8 @@ def plot_command(
 ) -> None:
     """Draw accuracy, reward, gate split, loss terms, entropy, response length and pass@k."""
     console = Console(highlight=False, soft_wrap=True)
-    try:
+    with exit_codes(console):
         runs = [load_run(p) for p in run_dirs]
-    except RunError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
     target = out or (run_dirs[0] / "plots" if len(run_dirs) == 1 else Path("plots"))
     formats = FORMATS if svg else ("png",)
     paths = plot_runs(out_dir=target, runs=runs, formats=formats)

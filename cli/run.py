@@ -13,39 +13,17 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import traceback
 from pathlib import Path
 
 import typer
 from hpt_dsl.cli.check import SET_HELP, print_diagnostics
+from hpt_dsl.cli.exits import exit_codes
 from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
 from hpt_dsl.lang.load import analyse
-
-
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (exit 2), imported lazily."""
-    from hpt_dsl import hub, models
-    from hpt_dsl.checkpoint import CheckpointError
-    from hpt_dsl.data.files import DataError
-    from hpt_dsl.data.verify import RewardError
-    from hpt_dsl.errors import InputError
-    from hpt_dsl.rollout.vllm import RolloutEngineError
-    from hpt_dsl.train import SetupError
-
-    return (
-        InputError,
-        models.ModelError,
-        hub.ModelError,
-        DataError,
-        RewardError,
-        SetupError,
-        RolloutEngineError,
-        CheckpointError,
-        FileNotFoundError,
-    )
+from hpt_dsl.process import RunInterrupted
 
 
 def run_command(
@@ -70,39 +48,20 @@ def run_command(
     if resume is not None and output is not None and resume != output:
         console.print("[red]error:[/red] give either --resume RUN_DIR or --output DIR, not both")
         raise typer.Exit(2)
-    import torch
+    from hpt_dsl.train import run_recipe
 
-    from hpt_dsl.train import RunFault, RunInterrupted, SetupError, cpu_threads, default_run_dir, train
+    def warn(message: str) -> None:
+        console.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
-    r = checked.recipe
-    if cpu_threads(r.settings):
-        torch.set_num_threads(cpu_threads(r.settings))
-    run_dir = resume or output or (Path(r.settings.train.output_dir) if r.settings.train.output_dir else None)
-    run_dir = run_dir or default_run_dir(r)
-    if r.settings.train.output_dir and (resume or output) and Path(r.settings.train.output_dir) != run_dir:
-        console.print(f"[yellow]warning:[/yellow] train.output_dir = {escape(r.settings.train.output_dir)} has no "
-                      f"effect: {'--resume' if resume else '--output'} {escape(str(run_dir))} is the run folder")
-    try:
-        if resume is not None and not resume.is_dir():
-            raise SetupError(f"--resume {resume}: no such run folder")
-        # stdout carries only the JSON lines: whatever a library prints goes to stderr
-        json_stream = sys.stdout
-        with contextlib.redirect_stdout(sys.stderr):
-            train(r, run_dir, resume=resume is not None, quiet=quiet, json_logs=json_logs, json_stream=json_stream,
-                  plots=plots)
-    except RunInterrupted as e:
-        console.print(f"[yellow]{escape(str(e))}[/yellow]")
-        raise typer.Exit(130) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted before the first step; nothing to resume[/yellow]")
-        raise typer.Exit(130) from None
-    except RunFault as e:
-        if debug:
-            traceback.print_exc()
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(3) from None
-    except _bad_input_errors() as e:
-        if debug:
-            traceback.print_exc()
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(2) from None
+    json_stream = sys.stdout  # stdout carries only the JSON lines: whatever a library prints goes to stderr
+    with exit_codes(console, debug):
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                run_recipe(checked.recipe, output=resume or output, resume=resume is not None, quiet=quiet,
+                           json_logs=json_logs, json_stream=json_stream, plots=plots, set_threads=True, warn=warn)
+        except RunInterrupted as e:
+            console.print(f"[yellow]{escape(str(e))}[/yellow]")
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted before the first step; nothing to resume[/yellow]")
+            raise typer.Exit(130) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from hpt_dsl.cli.exits import exit_codes
 from rich.console import Console
 from rich.markup import escape
 
@@ -27,11 +28,8 @@ def verify_command(
     console = Console(highlight=False, soft_wrap=True)
     damaged = False
     for run_dir in run_dirs:
-        try:
+        with exit_codes(console):
             findings, verdict = verify(run_dir)
-        except FileNotFoundError as e:
-            console.print(f"[red]error:[/red] {escape(str(e))}")
-            raise typer.Exit(2) from None
         for f in findings:
             mark = "[red]DAMAGED[/red]" if not f.ok else "note   " if f.note else "[green]ok[/green]     "
             console.print(f"{mark} {escape(str(f.path))}: {escape(f.detail)}")

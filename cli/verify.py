@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from hpt_dsl.cli.check import SET_HELP, print_diagnostics
+from hpt_dsl.cli.exits import exit_codes
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -31,14 +32,10 @@ def verify_command(
     if out.recipe is None:
         print_diagnostics(console, out.diagnostics)
         raise typer.Exit(2 if out.usage else 1)
-    from hpt_dsl.estimator.plugins import PluginLoadError
     from hpt_dsl.verify import PROPERTIES, verify
 
-    try:
+    with exit_codes(console):
         results = verify(out.recipe, seed=seed)
-    except PluginLoadError as e:
-        console.print(Text(f"error: {e}", style="bold red"))
-        raise typer.Exit(2) from None
     failed = any(r.ok is False for r in results)
     if as_json:
         rows = [{"property": r.prop, "term": r.term, "ok": r.ok, "deviation": r.deviation, "note": r.note}

@@ -55,6 +55,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hpt_dsl import dist, manifest
+from hpt_dsl.errors import InputError
 from hpt_dsl.faults import is_lost_peer, write_fault
 from hpt_dsl.runfolder import CHECKPOINTS, DAMAGED, step_folders
 
@@ -62,7 +63,7 @@ FORMAT = 2  # 2: with manifest.json
 _writes = 0
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """No complete checkpoint to resume from, or one that cannot be loaded (exit code 2)."""
 
 

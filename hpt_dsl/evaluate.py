@@ -10,20 +10,29 @@ one of k samples drawn without replacement from the n is correct. It is computed
 stable product ``1 - prod_{i = n-c+1}^{n} (1 - k / i)``.
 
 ``evaluate(engine, tokenizer, questions, reward_fn, k, params)`` is what ``hpt-dsl eval``
-and the training loop's periodic evaluation both call.
+and the training loop's periodic evaluation both call; ``evaluate_model(model, data, ...)``
+is ``hpt-dsl eval`` itself: it loads the model (a run folder prompted as its run was), the
+benchmark files and the reward, then evaluates every benchmark.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from hpt_dsl import hub
 from hpt_dsl.data.base import Question, RewardFn
-from hpt_dsl.data.verify import score_batch
-from hpt_dsl.rollout.base import RolloutEngine, SamplingParams
+from hpt_dsl.data.files import load_benchmarks
+from hpt_dsl.data.verify import make_reward, score_batch
+from hpt_dsl.prompting import PromptCache
+from hpt_dsl.rollout.base import RolloutEngine, SamplingParams, make_rollout_engine
+from hpt_dsl.settings import DataSettings, ModelSettings, RolloutSettings, Settings
 
 CORRECT = 0.5
 """A sample counts as correct for pass@k when its reward is at least this."""
@@ -121,3 +130,109 @@ def default_encode(tokenizer: Any, question: Question) -> list[int]:
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)
+
+
+# ----- hpt-dsl eval ----------------------------------------------------------------------------
+
+NOTE = "Scores of the model as given on these sets; no checkpoint was selected by them."
+
+
+def trained_settings(model: str) -> dict[str, Any] | None:
+    """The settings a run folder was trained with (``run.json``), or None for a plain model."""
+    run_json = Path(model).expanduser() / "run.json"
+    if not run_json.is_file():
+        return None
+    try:
+        return json.loads(run_json.read_text()).get("settings")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def default_results_path(model: str) -> Path:
+    """Where ``hpt-dsl eval`` writes its results: RUN/eval.json for a run folder, else
+    eval-MODEL.json."""
+    if trained_settings(model) is not None:
+        return Path(model) / "eval.json"
+    return Path(f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '_', Path(model).name or model)}.json")
+
+
+def model_settings(
+    model: str, system_prompt: str | None = None, prompt_template: str | None = None, dtype: str | None = None
+) -> ModelSettings:
+    """The model settings of an evaluation: a run folder's (how its run prompted), the model
+    resolved to a checkpoint (``hpt_dsl.hub.resolve``), and the options given (None: keep)."""
+    fields = dict((trained_settings(model) or {}).get("model", {}))
+    fields["name"] = hub.resolve(model)
+    given = {"system_prompt": system_prompt, "prompt_template": prompt_template, "dtype": dtype}
+    fields.update({key: value for key, value in given.items() if value is not None})
+    return ModelSettings(**fields)
+
+
+def evaluate_model(
+    model: str,
+    data: Sequence[str],
+    *,
+    k: int = 1,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_new_tokens: int = 1024,
+    engine: str = "hf",
+    reward: str = "math_verify",
+    reward_timeout: float = 5.0,
+    max_questions: int | None = None,
+    question_key: str | None = None,
+    answer_key: str | None = None,
+    system_prompt: str | None = None,
+    prompt_template: str | None = None,
+    dtype: str | None = None,
+    batch: int = 64,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """``hpt-dsl eval``: k samples per question of every benchmark in the ``data`` files (a
+    file with a ``data_source`` column is one benchmark per source), avg@k and pass@k each.
+
+    ``model`` is a checkpoint folder, a hub name, an alias or a run folder (its final model,
+    prompted as the run's settings say); ``progress`` hears a line before each benchmark.
+    Returns the results: model, checkpoint, prompt, sampling, reward, note and one
+    ``evaluate`` summary per benchmark.
+    """
+    settings = Settings(
+        model=model_settings(model, system_prompt, prompt_template, dtype),
+        data=DataSettings(reward=reward, reward_timeout=reward_timeout, max_test=max_questions,
+                          question_key=question_key, answer_key=answer_key),
+        rollout=RolloutSettings(engine=engine, max_new_tokens=max_new_tokens),
+    )
+    benchmarks: dict[str, list[Any]] = {}
+    for path in data:
+        for name, questions in load_benchmarks(path, settings.data).items():
+            while name in benchmarks:
+                name += "'"
+            benchmarks[name] = questions
+    reward_fn = make_reward(settings.data)
+    net, tokenizer = hub.load_pretrained(settings.model)
+    rollout = make_rollout_engine(settings, net, tokenizer)
+    prompts = PromptCache(tokenizer, settings.model)
+    params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    out: dict[str, Any] = {}
+    try:
+        for name, questions in benchmarks.items():
+            if progress is not None:
+                progress(f"{name}: {len(questions)} questions x {k} samples ...")
+            out[name] = evaluate(rollout, tokenizer, questions, reward_fn, k, params,
+                                 encode=lambda q, split=name: prompts.prompt(q, split), batch_questions=batch)
+    finally:
+        rollout.close()
+        close = getattr(reward_fn, "close", None)
+        if callable(close):
+            close()
+    return {
+        "model": model,
+        "checkpoint": settings.model.name,
+        "prompt": settings.model.model_dump(include={"system_prompt", "prompt_template"}),
+        "sampling": {"k": k, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                     "seed": seed, "engine": engine},
+        "reward": reward,
+        "note": NOTE,
+        "benchmarks": out,
+    }

@@ -30,6 +30,8 @@ _PEER_WORDS = ("gloo", "nccl", "connection closed by peer", "connection reset by
 class RunFault(RuntimeError):
     """The run stopped on a fault; the last good checkpoint is intact (exit code 3)."""
 
+    exit_code = 3
+
 
 def human(n: float) -> str:
     """``6815744`` -> ``6.5 MB`` (powers of 1024)."""

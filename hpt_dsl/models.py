@@ -19,6 +19,7 @@ import string
 from pathlib import Path
 from typing import Any
 
+from hpt_dsl.errors import InputError
 from hpt_dsl.settings import ModelSettings
 
 TINY = "tiny"
@@ -55,7 +56,7 @@ prompt of ``47+38`` is ``<|im_start|>u\n47+38<|im_end|><|im_start|>a\n`` (12 tok
 so the tiny model's forward passes spend their time on the question and the answer."""
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model that cannot be built or loaded; the message says what and how to fix it."""
 
 

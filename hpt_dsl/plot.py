@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hpt_dsl import runs as runfiles
+from hpt_dsl.faults import is_disk_error, write_fault
 from hpt_dsl.runs import RunData
 
 FORMATS = ("png", "svg")
@@ -244,3 +245,18 @@ def plot_runs(
     paths += line_figure(pk, f"pass@k of the final evaluation{band_note}", "k (samples per question)",
                          "pass@k", out, "pass_at_k", formats, ylim=(-0.02, 1.02), logx2=True)
     return paths
+
+
+def draw_run_figures(run_dir: Path, message: Callable[[str], None]) -> str:
+    """The figures of one run (``hpt-dsl plot``) drawn into ``run_dir/plots`` at its end, and
+    what was drawn, in words for the run's summary. A failure to draw is a ``message`` (the run
+    itself is complete); a failure to write them (a full disk) a ``RunFault`` that says so."""
+    try:
+        paths = plot_runs([run_dir], run_dir / "plots")
+    except Exception as err:  # the run itself is complete: say why there is no figure
+        if isinstance(err, OSError) or is_disk_error(err):
+            raise write_fault("the figures", run_dir / "plots", err, then="The run and its final model are "
+                              f"complete; draw the figures again with: hpt-dsl plot {run_dir}") from err
+        message(f"no figures: {err}")
+        return "none"
+    return f"{run_dir / 'plots'} ({len([p for p in paths if p.suffix == '.png'])} PNG + SVG)"

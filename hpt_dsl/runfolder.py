@@ -7,6 +7,10 @@
         checkpoints/step-000010.damaged a checkpoint that failed verification, moved aside
         final-model/                    the policy as a Hugging Face folder, with manifest.json
 
+The loop keeps its folder with ``choose_run_dir`` (which folder), ``check_fresh`` (never over
+another run), ``open_run_folder`` (``recipe.hpt`` and ``run.json`` before the first step) and
+``close_run_folder`` (``run.json`` completed, with the run's results).
+
 ``verify(run_dir)`` checks every checkpoint and the final model against their manifests
 (sizes and CRC-32 checksums), and that ``metrics.jsonl`` and ``run.json`` read; it loads no
 model and imports no torch (``hpt-dsl runs verify``).
@@ -17,15 +21,94 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hpt_dsl import manifest
-from hpt_dsl.faults import human
+from hpt_dsl.errors import SetupError
+from hpt_dsl.faults import human, write_fault
+
+if TYPE_CHECKING:
+    from hpt_dsl.recipe import Recipe
 
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "final-model"
 STEP = re.compile(r"^step-(\d+)$")
 DAMAGED = ".damaged"
+
+
+# ----- the run's own files -------------------------------------------------------------------
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    """``runs/<recipe>-<date>-<time>``."""
+    name = Path(recipe.path).name.removesuffix(".hpt") if recipe.path else "run"
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def choose_run_dir(recipe: Recipe, output: Path | None, resume: bool = False) -> tuple[Path, str | None]:
+    """(run folder, warning): ``output`` (the folder of --output or --resume), else the recipe's
+    ``train.output_dir``, else ``default_run_dir``; the warning, when ``output`` overrides a
+    ``train.output_dir`` that names another folder, says that setting has no effect."""
+    setting = recipe.settings.train.output_dir
+    run_dir = Path(output) if output is not None else Path(setting) if setting else default_run_dir(recipe)
+    if output is None or not setting or Path(setting) == run_dir:
+        return run_dir, None
+    flag = "--resume" if resume else "--output"
+    return run_dir, f"train.output_dir = {setting} has no effect: {flag} {run_dir} is the run folder"
+
+
+def check_fresh(run_dir: Path) -> None:
+    """A new run never writes over another one: ``SetupError`` when ``run_dir`` holds a run."""
+    if run_dir.exists() and (run_dir / "metrics.jsonl").exists():
+        raise SetupError(f"run folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
+
+
+def write_run_json(run_dir: Path, recipe: Recipe, **extra: Any) -> None:
+    """``run.json``: the recipe, its loss, needs and settings, and ``extra``, over what the file
+    held (written to a temporary file, then moved over it)."""
+    path = run_dir / "run.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(
+        {
+            "label": Path(recipe.path).name.removesuffix(".hpt"),
+            "recipe": recipe.path,
+            "seed": recipe.settings.train.seed,
+            "loss": {name: spec.components() for name, spec in recipe.estimators.items()},
+            "needs": recipe.needs.__dict__,
+            "settings": recipe.settings.model_dump(mode="json"),
+        }
+    )
+    data.update(extra)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def open_run_folder(run_dir: Path, recipe: Recipe, main: bool, processes: int) -> None:
+    """Create ``run_dir``; the first process (``main``) writes ``recipe.hpt`` and ``run.json``
+    (not completed yet). A write that fails is a ``RunFault``."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if main:
+            if recipe.source:
+                (run_dir / "recipe.hpt").write_text(recipe.source)
+            write_run_json(run_dir, recipe, completed=False, processes=processes)
+    except OSError as err:
+        raise write_fault("the run folder", run_dir, err) from err
+
+
+def close_run_folder(run_dir: Path, recipe: Recipe, **results: Any) -> None:
+    """``run.json`` completed, with the run's ``results``. A write that fails is a ``RunFault``
+    that says the final model is complete."""
+    try:
+        write_run_json(run_dir, recipe, completed=True, **results)
+    except OSError as err:
+        raise write_fault("run.json", run_dir, err, then="The final model is complete.") from err
+
+
+# ----- checkpoints and verification ----------------------------------------------------------
 
 
 def step_folders(run_dir: Path) -> list[Path]:

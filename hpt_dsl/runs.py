@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpt_dsl.errors import InputError
+
 ALIASES: dict[str, tuple[str, ...]] = {
     "reward": ("reward/mean", "reward", "rollout/reward"),
     "entropy": ("entropy", "rollout/entropy"),
@@ -30,7 +32,7 @@ EVAL_ACC = ("avg@1", "acc", "accuracy", "pass@1")
 (avg@k is found by prefix when k > 1)."""
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """A run folder that cannot be read; the message names the file and the fix."""
 
 

@@ -25,7 +25,9 @@ update. Optimizer mini-batches are drawn from the step's question indices, the s
 in any number of processes. The first process alone evaluates and writes logs, metrics and
 the checkpoints' shared files; a Ctrl-C stops every process after the same step.
 
-``run_recipe`` wraps it: load the recipe, prepare the run folder, resume, report.
+``run_recipe`` wraps it: load the recipe, prepare the run folder, resume, report. The run
+folder's own files are ``hpt_dsl.runfolder``'s, Ctrl-C and CPU threads ``hpt_dsl.process``'s,
+the figures at the end ``hpt_dsl.plot``'s.
 Exit conditions are exceptions the command line maps to exit codes: ``RunFault`` (3: too
 many non-finite steps in a row, a write that failed, another process that stopped; see
 ``hpt_dsl.faults``), ``SetupError`` and ``CheckpointError`` (2: bad input, no complete
@@ -34,34 +36,30 @@ checkpoint to resume from) and ``RunInterrupted`` (130: Ctrl-C, after a checkpoi
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
 from hpt_dsl import checkpoint as ckpt
-from hpt_dsl import dist, errors
+from hpt_dsl import dist, errors, runfolder
 from hpt_dsl.batch import TrainBatch, build_train_batch, used_rows
 from hpt_dsl.data import Task, load_task
 from hpt_dsl.data.verify import score_batch
 from hpt_dsl.faults import RunFault, is_disk_error, is_lost_peer, lost_peer, space_warning, write_fault
 from hpt_dsl.malloc import keep_freed_memory
+from hpt_dsl.plot import draw_run_figures
+from hpt_dsl.process import RunInterrupted, StopFlag, use_cpu_threads
+from hpt_dsl.process import cpu_threads as cpu_threads  # the threads a run uses (hpt_dsl.process)
 from hpt_dsl.prompting import PromptCache
 from hpt_dsl.recipe import Recipe
 from hpt_dsl.report import Reporter, truncate_metrics
 from hpt_dsl.rollout.base import Rollout, SamplingParams
 from hpt_dsl.sampling import Filled, fill_share, flatten, groups_of, overlong_penalty, round_questions, zero_variance
-
-
-class RunInterrupted(RuntimeError):
-    """Ctrl-C: a checkpoint was saved (exit code 130)."""
-
 
 SetupError = errors.SetupError
 """Bad input found before training starts (``hpt_dsl.errors.SetupError``, exit code 2)."""
@@ -449,70 +447,6 @@ def _rows(batch: TrainBatch, rows: torch.Tensor) -> TrainBatch:
 # ----- the run --------------------------------------------------------------------------------
 
 
-class _StopFlag:
-    """Ctrl-C (SIGINT) or SIGTERM sets a flag the loop checks between steps; a second one, at
-    least REPEAT_S seconds later, interrupts at once. Under a launcher a Ctrl-C reaches each
-    process twice (from the terminal, and forwarded by the launcher) within that time: one
-    request."""
-
-    REPEAT_S = 3.0
-
-    def __init__(self) -> None:
-        self.set = False
-        self._at = 0.0
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        now = time.monotonic()
-        if self.set and now - self._at >= self.REPEAT_S:
-            raise KeyboardInterrupt
-        if not self.set:
-            self.set, self._at = True, now
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def cpu_threads(settings: Any) -> int:
-    """torch CPU threads for a run (``train.threads``; 0 = leave torch's default)."""
-    if settings.train.threads is not None:
-        return int(settings.train.threads)
-    return 1 if settings.model.name == "tiny" else 0
-
-
-def default_run_dir(recipe: Recipe) -> Path:
-    name = Path(recipe.path).name.removesuffix(".hpt") if recipe.path else "run"
-    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def _write_run_json(run_dir: Path, recipe: Recipe, **extra: Any) -> None:
-    path = run_dir / "run.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(
-        {
-            "label": Path(recipe.path).name.removesuffix(".hpt"),
-            "recipe": recipe.path,
-            "seed": recipe.settings.train.seed,
-            "loss": {name: spec.components() for name, spec in recipe.estimators.items()},
-            "needs": recipe.needs.__dict__,
-            "settings": recipe.settings.model_dump(mode="json"),
-        }
-    )
-    data.update(extra)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def train(
     recipe: Recipe,
     run_dir: Path,
@@ -557,22 +491,15 @@ def _train(
     started = time.perf_counter()
     keep_freed_memory()  # one step's memory serves the next (hpt_dsl.malloc)
     main = dist.is_main()
-    if not resume and run_dir.exists() and (run_dir / "metrics.jsonl").exists():
-        raise SetupError(f"run folder {run_dir} already holds a run; use --resume {run_dir} or another --output")
+    if not resume:
+        runfolder.check_fresh(run_dir)
     start_processes(s)
     dist.barrier()  # every process has looked at the run folder before the first one writes
     reporter = Reporter(
         run_dir, s.train.steps, quiet=quiet, json_logs=json_logs, json_stream=json_stream, writes=main
     )
     latest = ckpt.choose_resume(run_dir, reporter.warning) if resume else None
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if main:
-            if recipe.source:
-                (run_dir / "recipe.hpt").write_text(recipe.source)
-            _write_run_json(run_dir, recipe, completed=False, processes=dist.world_size())
-    except OSError as err:
-        raise write_fault("the run folder", run_dir, err) from err
+    runfolder.open_run_folder(run_dir, recipe, main, dist.world_size())
     trainer = Trainer(recipe, run_dir, reporter)
     need = ckpt.size_of(latest) or ckpt.estimate_bytes(trainer.learner, s.learner.engine)
     final_bytes = ckpt.estimate_bytes(trainer.learner, s.learner.engine, weights_only=True)
@@ -604,7 +531,7 @@ def _train(
         ckpt.save_checkpoint(run_dir, step, trainer.learner, state, keep=s.train.keep_checkpoints, need=need)
 
     try:
-        with reporter, _StopFlag() as stop:
+        with reporter, StopFlag() as stop:
             reporter.start_at(start_step)
             if start_step == 0:
                 evaluate(0)
@@ -642,50 +569,42 @@ def _train(
         trainer.close()
     wall = elapsed_before + time.perf_counter() - started
     if main:
-        try:
-            _write_run_json(run_dir, recipe, completed=True, wall_s=wall, final_eval=reporter.last_eval or None,
-                            first_eval=reporter.first_eval)
-        except OSError as err:
-            raise write_fault("run.json", run_dir, err, then="The final model is complete.") from err
+        runfolder.close_run_folder(run_dir, recipe, wall_s=wall, final_eval=reporter.last_eval or None,
+                                   first_eval=reporter.first_eval)
     extra = {"run folder": str(run_dir), "final model": str(run_dir / "final-model")}
     if plots and main:
-        extra["figures"] = _draw(run_dir, reporter)
+        extra["figures"] = draw_run_figures(run_dir, reporter.message)
     reporter.summary(run_dir, wall, extra)
     return RunResult(run_dir, s.train.steps, wall, reporter.first_eval, reporter.last_eval or None)
 
 
-def _draw(run_dir: Path, reporter: Reporter) -> str:
-    """The run's figures (``hpt-dsl plot``) in ``run_dir/plots``; a failure to draw is a
-    message, a failure to write them (a full disk) a ``RunFault`` that says the run is complete."""
-    try:
-        from hpt_dsl.plot import plot_runs
-
-        paths = plot_runs([run_dir], run_dir / "plots")
-    except Exception as err:  # the run itself is complete: say why there is no figure
-        if isinstance(err, OSError) or is_disk_error(err):
-            raise write_fault("the figures", run_dir / "plots", err, then="The run and its final model are "
-                              f"complete; draw the figures again with: hpt-dsl plot {run_dir}") from err
-        reporter.message(f"no figures: {err}")
-        return "none"
-    return f"{run_dir / 'plots'} ({len([p for p in paths if p.suffix == '.png'])} PNG + SVG)"
-
-
 def run_recipe(
-    recipe_path: str | Path,
+    recipe_path: str | Path | Recipe,
     overrides: list[str] | None = None,
     output: Path | None = None,
     resume: bool = False,
     quiet: bool = False,
     json_logs: bool = False,
+    json_stream: TextIO | None = None,
+    plots: bool = False,
+    set_threads: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Load the recipe (with ``--set`` overrides) and train it; ``output`` (or the recipe's
-    ``train.output_dir``, or ``runs/<recipe>-<timestamp>``) is the run folder."""
+    """Load the recipe (with ``--set`` overrides; a checked ``Recipe`` is taken as it is) and
+    train it; ``output`` (or the recipe's ``train.output_dir``, or ``runs/<recipe>-<timestamp>``)
+    is the run folder, continued when ``resume``. ``set_threads``: set this process's CPU
+    threads from the settings (``hpt_dsl.process``; a library caller keeps its own); ``warn``
+    hears that ``train.output_dir`` has no effect beside ``output``. The rest as ``train``."""
     from hpt_dsl.lang import load_recipe
 
-    recipe = load_recipe(Path(recipe_path), overrides=overrides or [])
-    if output is None and recipe.settings.train.output_dir:
-        output = Path(recipe.settings.train.output_dir)
-    run_dir = Path(output) if output is not None else default_run_dir(recipe)
+    recipe = recipe_path if isinstance(recipe_path, Recipe) else load_recipe(Path(recipe_path),
+                                                                             overrides=overrides or [])
+    run_dir, ignored = runfolder.choose_run_dir(recipe, output, resume)
+    if ignored and warn is not None:
+        warn(ignored)
+    if set_threads:
+        use_cpu_threads(recipe.settings)
     if resume and not run_dir.is_dir():
         raise SetupError(f"--resume {run_dir}: no such run folder")
-    return train(recipe, run_dir, resume=resume, quiet=quiet, json_logs=json_logs)
+    return train(recipe, run_dir, resume=resume, quiet=quiet, json_logs=json_logs, json_stream=json_stream,
+                 plots=plots)

@@ -8,7 +8,7 @@ draws them:
     Estimator  hpt_dsl/estimator/, verify    pure tensor functions
     Rollout    hpt_dsl/rollout/              the engines that sample
     Learner    hpt_dsl/learner/, logprob     the engines that update
-    Loop       train, dist, checkpoint, sampling, runfolder, manifest, malloc
+    Loop       train, dist, checkpoint, sampling, runfolder, manifest, malloc, process
     Face       cli/                          the command line
 
 Never: Lang -> Estimator or Loop; Estimator -> Lang, Rollout, Learner or Loop; Rollout <->
@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"hpt_dsl": ROOT / "hpt_dsl", "hpt_dsl.cli": ROOT / "cli", "hpt_dsl.grammar": ROOT / "grammar"}
 NEUTRAL = {"recipe", "settings", "errors", "faults", "plugin", "batch"}
-LOOP = {"train", "dist", "checkpoint", "sampling", "runfolder", "manifest", "malloc"}
+LOOP = {"train", "dist", "checkpoint", "sampling", "runfolder", "manifest", "malloc", "process"}
 NEVER = {
     ("Lang", "Estimator"), ("Lang", "Loop"), ("Estimator", "Lang"), ("Estimator", "Rollout"),
     ("Estimator", "Learner"), ("Estimator", "Loop"), ("Rollout", "Learner"), ("Learner", "Rollout"),

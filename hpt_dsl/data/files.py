@@ -36,6 +36,7 @@ from typing import Any
 
 from hpt_dsl.data.base import Question
 from hpt_dsl.data.verify import last_boxed
+from hpt_dsl.errors import InputError
 from hpt_dsl.settings import DataSettings
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ SOURCE_KEY = "data_source"  # splits a multi-benchmark file (LUFFY's validation 
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data that cannot be read or mapped; the message names the file and the fix."""
 
 

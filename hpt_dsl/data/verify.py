@@ -36,10 +36,11 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from hpt_dsl.data.base import RewardFn
+from hpt_dsl.errors import InputError
 from hpt_dsl.settings import DataSettings
 
 
-class RewardError(ValueError):
+class RewardError(InputError):
     """A reward that cannot be built or that failed; the message names it and the fix."""
 
 

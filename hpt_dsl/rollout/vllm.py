@@ -50,6 +50,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpt_dsl.errors import InputError
 from hpt_dsl.rollout.base import FinishReason, Rollout, RolloutEngine, SamplingParams
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ SLEEP_LEVEL = 1
 update in between (an evaluation, then rollouts) still has them; level 2 would drop them."""
 
 
-class RolloutEngineError(ValueError):
+class RolloutEngineError(InputError):
     """The vLLM engine cannot start or run; the message says why and what to change."""
 
 

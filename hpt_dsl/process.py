@@ -1,0 +1,65 @@
+"""What a run does to its own process: torch's CPU threads, and Ctrl-C as a request to stop.
+
+    cpu_threads(settings)       the CPU threads a run uses (``train.threads``; 1 for the tiny model)
+    use_cpu_threads(settings)   set them in this process (0: leave torch's default)
+    StopFlag                    Ctrl-C / SIGTERM sets a flag the loop reads between steps
+    RunInterrupted              the loop stopped on it, after a checkpoint (exit code 130)
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+
+class RunInterrupted(RuntimeError):
+    """Ctrl-C: a checkpoint was saved (exit code 130)."""
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM sets a flag the loop checks between steps; a second one, at
+    least REPEAT_S seconds later, interrupts at once. Under a launcher a Ctrl-C reaches each
+    process twice (from the terminal, and forwarded by the launcher) within that time: one
+    request."""
+
+    REPEAT_S = 3.0
+
+    def __init__(self) -> None:
+        self.set = False
+        self._at = 0.0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.set and now - self._at >= self.REPEAT_S:
+            raise KeyboardInterrupt
+        if not self.set:
+            self.set, self._at = True, now
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def cpu_threads(settings: Any) -> int:
+    """torch CPU threads for a run (``train.threads``; 0 = leave torch's default)."""
+    if settings.train.threads is not None:
+        return int(settings.train.threads)
+    return 1 if settings.model.name == "tiny" else 0
+
+
+def use_cpu_threads(settings: Any) -> None:
+    """Set torch's CPU threads of this process to ``cpu_threads(settings)`` (none: unchanged)."""
+    import torch
+
+    if cpu_threads(settings):
+        torch.set_num_threads(cpu_threads(settings))
