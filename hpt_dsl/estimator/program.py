@@ -160,6 +160,55 @@ class LossOutput:
 Rows = Tensor | slice | None
 
 
+@dataclass
+class _Batch:
+    """A mini-batch as ``prepare`` reads it: the (B, T) response mask and the (B,) lengths
+    |y_i|, demonstration flags and rewards, and the (B, T) tensors the terms read (pi_old,
+    critic values, pi_ref, the rollout engine's log-probs; None where no term reads them), 0
+    off the response, all in one float dtype."""
+
+    mask: Tensor
+    length: Tensor
+    demo: Tensor
+    rewards: Tensor
+    old: Tensor | None
+    values: Tensor | None
+    ref: Tensor | None
+    rollout: Tensor | None
+    tis_cap: float | None
+    dtype: torch.dtype
+
+
+@dataclass
+class _Questions:
+    """The questions of a mini-batch: each row's dense question index ``group`` (B,), their
+    number Q, their statistics (Q,) and each row's share of "all questions",
+    share_i = 1 / (rows of i's question * Q), which sums to 1 over the rows."""
+
+    group: Tensor
+    n_groups: int
+    stats: dict[str, Tensor]
+    share: Tensor
+
+
+@dataclass
+class _Terms:
+    """Per term k: its advantages, metric token weights tok_k, active token count N_k,
+    active rows and row gate weights w_i; its per-question weights (by name); the whitening
+    moments used, the GAE returns and the critic's rows; and the per-row metric shares."""
+
+    critic_rows: Tensor
+    adv: list[Tensor] = field(default_factory=list)
+    tok: list[Tensor] = field(default_factory=list)
+    counts: list[Tensor] = field(default_factory=list)
+    active: list[Tensor] = field(default_factory=list)
+    w: list[Tensor | float] = field(default_factory=list)
+    weights: dict[str, Tensor] = field(default_factory=dict)
+    moments: dict[str, Tensor] = field(default_factory=dict)
+    returns: Tensor | None = None
+    row_metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
 class LossProgram:
     """A compiled recipe: ``prepare`` once per optimizer mini-batch, ``loss`` per micro-batch."""
 
@@ -177,6 +226,8 @@ class LossProgram:
         self.needs = needs
         self.stats_used = stats_used
         self.per_question = any(t.scope.per_question for t in terms)
+        self.uses_old = any("old_logprobs" in estimator_needs(t.spec, declared_needs()) for t in terms)
+        """Some term reads pi_old (its denominator, its mask or a plugin's declared needs)."""
         self.step_whitened = [t.name for t in terms if _step_whitened(t.spec)]
         """Terms whose advantages are standardised over the whole step (see ``prepare``)."""
         self.const_weights: list[float] | None = None
@@ -203,7 +254,7 @@ class LossProgram:
             need["group_ids"] = "the integer question id of each row, shape (B,)"
         if any(s.on != "rollouts" or s.group != "rollouts" for s in specs):
             need["is_demo"] = "True on demonstration rows, shape (B,)"
-        if any("old_logprobs" in estimator_needs(s, declared_needs()) for s in specs):
+        if self.uses_old:
             need["old_logprobs"] = "log pi_old of the taken tokens, shape (B, T)"
         if any(s.kl is not None for s in specs):
             need["ref_logprobs"] = "log pi_ref of the taken tokens (frozen reference model), shape (B, T)"
@@ -282,22 +333,60 @@ class LossProgram:
         old_is_current: bool,
         step_moments: dict[str, Tensor] | None,
     ) -> Prepared:
+        """``prepare``'s steps, on checked inputs: the batch, its questions, each term's gate
+        weight and advantages, the aggregation weights c_i, the branch metrics, the truncated
+        IS weights, the critic's weights, the silent rows, then one synchronisation for every
+        count and the metric shares."""
+        b = self._batch(response_mask, rewards, is_demo, old_logprobs, ref_logprobs, values, rollout_logprobs)
+        q = self._questions(b, group_ids, step)
+        t = self._terms(b, q, step_moments)
+        row_metrics = t.row_metrics
+        coef = self._aggregate(t.active, t.w, b.length, q.group, q.n_groups)
+        self._branch_metrics(q, row_metrics)
+        tis, live_tis = self._tis(b, coef, t.critic_rows, old_is_current, row_metrics)
+        value_coef = self._value_coef(b, t)
+        silent = self._silence(coef, t.adv, t.tok, b.mask, b.length) if old_is_current and live_tis is None else {}
+        n_tok, live, n_tis = self._sync_counts(coef, t.counts, row_metrics, live_tis, b.dtype)
+        if live_tis is not None:
+            tis = (*live_tis, n_tis)
+        shares = self._shares(n_tok)
+        self._mix_adv_mean(row_metrics, shares)
+        return Prepared(
+            response_mask=b.mask, coef=coef, adv=t.adv, tok=t.tok, live=live, shares=shares,
+            row_metrics=row_metrics,
+            old_logprobs=b.old, ref_logprobs=b.ref, old_is_current=old_is_current,
+            returns=t.returns, old_values=b.values if t.returns is not None else None, value_coef=value_coef,
+            tis=tis, stats=q.stats, weights=t.weights, silent_metrics=self._mix_silent(silent, shares),
+            moments=t.moments,
+        )  # fmt: skip
+
+    def _batch(
+        self,
+        response_mask: Tensor,
+        rewards: Tensor | None,
+        is_demo: Tensor | None,
+        old_logprobs: Tensor | None,
+        ref_logprobs: Tensor | None,
+        values: Tensor | None,
+        rollout_logprobs: Tensor | None,
+    ) -> _Batch:
+        """The inputs in one float dtype (float64 when any is) on the mask's device: lengths
+        |y_i| = sum_t m_{i,t}, rewards (0 when not given), demonstration flags, and only the
+        (B, T) tensors some term reads, each 0 off the response (``_clean``)."""
         B = response_mask.shape[0]
         device = response_mask.device
         floats = [x for x in (old_logprobs, ref_logprobs, values, rollout_logprobs, rewards) if x is not None]
         dtype = torch.float64 if any(x.dtype == torch.float64 for x in floats) else torch.float32
         mask = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-        length = mask.sum(dim=1, dtype=dtype)
         demo = (
             torch.zeros(B, dtype=torch.bool, device=device) if is_demo is None else is_demo.to(device).bool()
         )
         R = torch.zeros(B, dtype=dtype, device=device) if rewards is None else rewards.to(device, dtype)
         specs = [t.spec for t in self.terms]
-        uses_old = any("old_logprobs" in estimator_needs(s, declared_needs()) for s in specs)
         tis_cap = self.settings.rollout.tis_cap if rollout_logprobs is not None else None
         old, vals, ref, rlp = _clean(
             [
-                old_logprobs if uses_old or tis_cap is not None else None,
+                old_logprobs if self.uses_old or tis_cap is not None else None,
                 values if any(s.adv.name == "gae" for s in specs) else None,
                 ref_logprobs if any(s.kl is not None for s in specs) else None,
                 rollout_logprobs if tis_cap is not None else None,
@@ -305,118 +394,159 @@ class LossProgram:
             mask,
             dtype,
         )
+        return _Batch(mask, mask.sum(dim=1, dtype=dtype), demo, R, old, vals, ref, rlp, tis_cap, dtype)
 
-        # questions: a dense index, their statistics, and each row's share of "all questions"
+    def _questions(self, b: _Batch, group_ids: Tensor | None, step: int) -> _Questions:
+        """A dense question index per row (each row its own question when no term needs
+        groups), the per-question statistics the gate reads (none when every weight is
+        constant) and each row's share of "all questions"."""
+        B, device, dtype = b.mask.shape[0], b.mask.device, b.dtype
         gated = self.const_weights is None
         per_question = any(t.scope.per_question for t in self.terms)
-        if group_ids is not None and (gated or per_question or any(s.adv.name in GROUP_ADVS for s in specs)):
+        group_advs = any(t.spec.adv.name in GROUP_ADVS for t in self.terms)
+        if group_ids is not None and (gated or per_question or group_advs):
             uniq, group = torch.unique(group_ids.to(device), return_inverse=True)
             n_groups = int(uniq.numel())
         else:
             group, n_groups = torch.arange(B, device=device), B
-        if gated:
-            stats = question_stats(R, group, n_groups, ~demo, step)
-            for name in self.stats_used - set(stats):  # a plugin's statistic
-                stats[name] = lookup("stat", name)(R, group, n_groups, ~demo).to(device=device, dtype=dtype)
-            rows_per_q = torch.zeros(n_groups, dtype=dtype, device=device).index_add(
-                0, group, torch.ones_like(R)
-            )
-            share = 1.0 / (rows_per_q[group] * max(n_groups, 1))  # sums to 1 over all rows
-        else:  # every question has the same weights: no statistics needed
-            stats = {}
-            share = torch.full((B,), 1.0 / max(B, 1), dtype=dtype, device=device)
+        if not gated:  # every question has the same weights: no statistics needed
+            return _Questions(group, n_groups, {}, torch.full((B,), 1.0 / max(B, 1), dtype=dtype, device=device))
+        stats = question_stats(b.rewards, group, n_groups, ~b.demo, step)
+        for name in self.stats_used - set(stats):  # a plugin's statistic
+            stats[name] = lookup("stat", name)(b.rewards, group, n_groups, ~b.demo).to(device=device, dtype=dtype)
+        rows_per_q = torch.zeros(n_groups, dtype=dtype, device=device).index_add(
+            0, group, torch.ones_like(b.rewards)
+        )
+        share = 1.0 / (rows_per_q[group] * max(n_groups, 1))  # sums to 1 over all rows
+        return _Questions(group, n_groups, stats, share)
 
-        advs, toks, counts, row_metrics, weights, actives, ws = [], [], [], {}, {}, [], []
-        moments: dict[str, Tensor] = {}
-        returns, critic_rows = None, torch.zeros(B, dtype=torch.bool, device=device)
+    def _terms(self, b: _Batch, q: _Questions, step_moments: dict[str, Tensor] | None) -> _Terms:
+        """Each term's gate weight and advantages, and its metric token weights
+        tok_i = [row i active] / N_tok (N_tok its active tokens) with adv_mean's row shares."""
+        out = _Terms(torch.zeros(b.mask.shape[0], dtype=torch.bool, device=b.mask.device))
         for k, term in enumerate(self.terms):
-            spec = term.spec
-            selected = _rows(spec.on, demo)
-            if self.const_weights is None:
-                wq = term.weight(stats).to(dtype)
-                bad = ~torch.isfinite(
-                    wq
-                )  # a weight read from statistics may be inf or NaN (1 / acc): it becomes 0
-                wq = torch.where(bad, 0.0, wq)
-                row_metrics[f"gate/{term.name}/nonfinite"] = share * bad[group]
-                w: Tensor | float = wq[group]
-                active = selected & (w != 0)
-                row_metrics[f"gate/{term.name}"] = share * (wq != 0)[group]
-            else:
-                w = self.const_weights[k]
-                wq = torch.tensor(w, dtype=dtype, device=device)
-                active = selected if w != 0 else torch.zeros_like(selected)
-                row_metrics[f"gate/{term.name}"] = share if w != 0 else torch.zeros_like(share)
-            weights[term.name] = wq
+            wq, w, active = self._gate(k, term, b, q, out.row_metrics)
+            out.weights[term.name] = wq
             given = None if step_moments is None else step_moments.get(term.name)
-            if spec.adv.name == "gae":  # its returns train the critic: one pass gives both
-                a_hat, ret = gae_returns(R, vals, mask, *spec.adv.args[:2])  # type: ignore[arg-type]
-                returns = ret if returns is None else returns
-                critic_rows |= selected
-                if gae_whitens(spec.adv.args):
-                    a_hat, moments[term.name] = whiten_tokens(a_hat, mask & active[:, None], given)
-            else:
-                inp = AdvInputs(R, group, n_groups, _rows(spec.group, demo), active, mask, vals, given)
-                a_hat = term.adv(inp, *spec.adv.args).to(dtype)
-                if hasattr(term.adv, "moments"):
-                    moments[term.name] = given if given is not None else term.adv.moments(inp, *spec.adv.args)
-            L = length * active
-            actives.append(active)
-            ws.append(w)
-            tok = active.to(dtype) / L.sum().clamp(min=1)
-            toks.append(tok)
-            counts.append(L.sum())
+            a_hat = self._advantage(term, b, q, active, given, out)
+            L = b.length * active
+            out.active.append(active)
+            out.w.append(w)
+            tok = active.to(b.dtype) / L.sum().clamp(min=1)
+            out.tok.append(tok)
+            out.counts.append(L.sum())
             if a_hat.dim() == 2:
-                row_metrics[f"adv_mean/{term.name}"] = tok * (a_hat * mask).sum(dim=1)
+                out.row_metrics[f"adv_mean/{term.name}"] = tok * (a_hat * b.mask).sum(dim=1)
             else:
-                row_metrics[f"adv_mean/{term.name}"] = tok * a_hat * length
+                out.row_metrics[f"adv_mean/{term.name}"] = tok * a_hat * b.length
                 a_hat = a_hat[:, None]
-            advs.append(a_hat)
-        coef = self._aggregate(actives, ws, length, group, n_groups)
+            out.adv.append(a_hat)
+        return out
+
+    def _gate(
+        self, k: int, term: CompiledTerm, b: _Batch, q: _Questions, row_metrics: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor | float, Tensor]:
+        """(per-question weights (Q,), row weights w_i, active rows) of term k: w_i is the
+        weight of row i's question (a weight that is not finite, 1 / acc at acc = 0, becomes 0
+        and is counted), and a row is active when the term's ``on=`` selects it and w_i != 0.
+        Records the share of questions each term weighs (``gate/<term>``)."""
+        selected = _rows(term.spec.on, b.demo)
+        if self.const_weights is not None:
+            w = self.const_weights[k]
+            wq = torch.tensor(w, dtype=b.dtype, device=b.mask.device)
+            active = selected if w != 0 else torch.zeros_like(selected)
+            row_metrics[f"gate/{term.name}"] = q.share if w != 0 else torch.zeros_like(q.share)
+            return wq, w, active
+        wq = term.weight(q.stats).to(b.dtype)
+        bad = ~torch.isfinite(wq)  # a weight read from statistics may be inf or NaN (1 / acc): it becomes 0
+        wq = torch.where(bad, 0.0, wq)
+        row_metrics[f"gate/{term.name}/nonfinite"] = q.share * bad[q.group]
+        row_w = wq[q.group]
+        active = selected & (row_w != 0)
+        row_metrics[f"gate/{term.name}"] = q.share * (wq != 0)[q.group]
+        return wq, row_w, active
+
+    def _advantage(
+        self, term: CompiledTerm, b: _Batch, q: _Questions, active: Tensor, given: Tensor | None, out: _Terms
+    ) -> Tensor:
+        """The term's advantages A_hat, (B,) or (B, T). GAE also gives the critic's returns
+        and rows; a whitened advantage uses the step's moments ``given`` (or its own) and
+        records them in ``out.moments``."""
+        spec = term.spec
+        if spec.adv.name == "gae":  # its returns train the critic: one pass gives both
+            a_hat, ret = gae_returns(b.rewards, b.values, b.mask, *spec.adv.args[:2])  # type: ignore[arg-type]
+            out.returns = ret if out.returns is None else out.returns
+            out.critic_rows = out.critic_rows | _rows(spec.on, b.demo)
+            if gae_whitens(spec.adv.args):
+                a_hat, out.moments[term.name] = whiten_tokens(a_hat, b.mask & active[:, None], given)
+            return a_hat
+        inp = AdvInputs(b.rewards, q.group, q.n_groups, _rows(spec.group, b.demo), active, b.mask, b.values, given)
+        a_hat = term.adv(inp, *spec.adv.args).to(b.dtype)
+        if hasattr(term.adv, "moments"):
+            out.moments[term.name] = given if given is not None else term.adv.moments(inp, *spec.adv.args)
+        return a_hat
+
+    def _branch_metrics(self, q: _Questions, row_metrics: dict[str, Tensor]) -> None:
+        """The share of questions that take each gate branch (``branch/<condition>``)."""
         for j, br in enumerate(self.branches):
             if self.const_branches is None:
-                row_metrics[f"branch/{br.label}"] = share * (br.taken(stats) != 0)[group]
+                row_metrics[f"branch/{br.label}"] = q.share * (br.taken(q.stats) != 0)[q.group]
             else:
-                row_metrics[f"branch/{br.label}"] = (
-                    share if self.const_branches[j] else torch.zeros_like(share)
-                )
+                row_metrics[f"branch/{br.label}"] = q.share if self.const_branches[j] else torch.zeros_like(q.share)
 
-        tis: Tensor | tuple[Tensor, Tensor, float, float] | None = None
-        live_tis: tuple[Tensor, Tensor, float] | None = None  # completed with its token count below
-        cap = tis_cap
-        if cap is not None and rollout_logprobs is not None:
-            # the rollout tokens the loss uses: an unused row's pi_old is never computed
-            used = torch.stack([c != 0 for c in coef]).any(dim=0) if coef else torch.zeros_like(demo)
-            rmask = mask & ~demo[:, None] & (used | critic_rows)[:, None]
-            if old is None or old_is_current:  # the weights need the live log-probs: kept for the loss
-                live_tis = (rlp, rmask, float(cap))  # type: ignore[assignment]
-            else:
-                tok_share = rmask / rmask.sum().clamp(min=1)
-                log_w = torch.where(rmask, old - rlp, 0.0)  # type: ignore[operator]
-                tis = torch.where(rmask, log_w.exp().clamp(max=cap), 1.0)
-                row_metrics["tis/trunc_frac"] = (tok_share * (log_w.exp() > cap)).sum(dim=1)
-                row_metrics["tis/mismatch"] = (tok_share * log_w.abs()).sum(dim=1)
+    def _tis(
+        self, b: _Batch, coef: list[Tensor], critic_rows: Tensor, old_is_current: bool,
+        row_metrics: dict[str, Tensor],
+    ) -> tuple[Tensor | None, tuple[Tensor, Tensor, float] | None]:  # fmt: skip
+        """Truncated IS over the rollout tokens the loss uses, min(pi_old / pi_rollout, C):
+        (the weights, None) when pi_old is given, with the truncation and mismatch shares;
+        (None, (rollout log-probs, token mask, C)) when pi_old is the live policy, so that
+        ``loss`` weighs with the micro-batch's own log-probs; (None, None) without it."""
+        cap = b.tis_cap
+        if cap is None:
+            return None, None
+        # the rollout tokens the loss uses: an unused row's pi_old is never computed
+        used = torch.stack([c != 0 for c in coef]).any(dim=0) if coef else torch.zeros_like(b.demo)
+        rmask = b.mask & ~b.demo[:, None] & (used | critic_rows)[:, None]
+        if b.old is None or old_is_current:  # the weights need the live log-probs: kept for the loss
+            return None, (b.rollout, rmask, float(cap))  # type: ignore[return-value]
+        tok_share = rmask / rmask.sum().clamp(min=1)
+        log_w = torch.where(rmask, b.old - b.rollout, 0.0)  # type: ignore[operator]
+        row_metrics["tis/trunc_frac"] = (tok_share * (log_w.exp() > cap)).sum(dim=1)
+        row_metrics["tis/mismatch"] = (tok_share * log_w.abs()).sum(dim=1)
+        return torch.where(rmask, log_w.exp().clamp(max=cap), 1.0), None
 
-        value_coef = None
-        if returns is not None:
-            critic = self.settings.critic or CriticSettings()
-            n_critic = (length * critic_rows).sum().clamp(min=1)
-            value_coef = critic.coef * critic_rows.to(dtype) / n_critic
+    def _value_coef(self, b: _Batch, t: _Terms) -> Tensor | None:
+        """The critic's per-row weight coef * [critic row] / N_critic (a token mean over the
+        critic's tokens), or None without a GAE term."""
+        if t.returns is None:
+            return None
+        critic = self.settings.critic or CriticSettings()
+        n_critic = (b.length * t.critic_rows).sum().clamp(min=1)
+        return critic.coef * t.critic_rows.to(b.dtype) / n_critic
 
-        silent = self._silence(coef, advs, toks, mask, length) if old_is_current and live_tis is None else {}
-
-        # one synchronisation for every count the metrics mix and every term's liveness
+    @staticmethod
+    def _sync_counts(
+        coef: list[Tensor], counts: list[Tensor], row_metrics: dict[str, Tensor],
+        live_tis: tuple[Tensor, Tensor, float] | None, dtype: torch.dtype,
+    ) -> tuple[list[float], list[bool], float]:  # fmt: skip
+        """One host synchronisation for every count the metrics mix: each term's active token
+        count and liveness (a row with weight), whether a question's weight was not finite
+        (the ``.../nonfinite`` metrics are dropped where none was), and the rollout tokens of
+        live truncated IS (at least 1)."""
         nonfinite = [k for k in row_metrics if k.endswith("/nonfinite")]
         flags = [(c != 0).any().to(dtype) for c in coef] + [row_metrics[k].sum() for k in nonfinite]
         tis_count = [] if live_tis is None else [live_tis[1].sum().to(dtype)]
         summary = torch.stack(counts + flags + tis_count).tolist() if coef or tis_count else []
-        if live_tis is not None:
-            tis = (*live_tis, max(summary.pop(), 1.0))
+        n_tis = max(summary.pop(), 1.0) if live_tis is not None else 0.0
         n_tok, live = summary[: len(coef)], [bool(x) for x in summary[len(coef) : 2 * len(coef)]]
         for key, total in zip(nonfinite, summary[2 * len(coef) :], strict=True):
             if not total:  # reported only when some question's weight was not finite
                 del row_metrics[key]
-        shares = self._shares(n_tok)
+        return n_tok, live, n_tis
+
+    def _mix_adv_mean(self, row_metrics: dict[str, Tensor], shares: dict[str, list[float]]) -> None:
+        """The overall ``adv_mean``: the terms' ones mixed by their shares of active tokens."""
         if len(self.terms) == 1:
             row_metrics["adv_mean"] = row_metrics[f"adv_mean/{self.terms[0].name}"]
         elif self.terms:
@@ -425,13 +555,6 @@ class LossProgram:
                 for s, t in zip(shares["adv_mean"], self.terms, strict=True)
             ]
             row_metrics["adv_mean"] = torch.stack(parts).sum(dim=0)
-        return Prepared(
-            response_mask=mask, coef=coef, adv=advs, tok=toks, live=live, shares=shares,
-            row_metrics=row_metrics,
-            old_logprobs=old, ref_logprobs=ref, old_is_current=old_is_current,
-            returns=returns, old_values=vals if returns is not None else None, value_coef=value_coef, tis=tis,
-            stats=stats, weights=weights, silent_metrics=self._mix_silent(silent, shares), moments=moments,
-        )  # fmt: skip
 
     def _aggregate(
         self, actives: list[Tensor], ws: list[Tensor | float], length: Tensor, group: Tensor, n_groups: int
