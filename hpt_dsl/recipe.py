@@ -285,6 +285,49 @@ def terms(loss: LossExpr) -> list[Term]:
     return out
 
 
+@dataclass(frozen=True)
+class Scope:
+    """Over which rows a term's aggregation counts (N_tok, N_seq) are taken.
+
+    joint:        the ``joint(...)`` group the term belongs to, numbered 1, 2, ... in the
+                  order the groups open: its counts are over the union of the rows of the
+                  group's terms (None: over the term's own rows);
+    per_question: counts per question, and the term's weight times 1/Q (``per_question(...)``).
+    """
+
+    joint: int | None = None
+    per_question: bool = False
+
+
+def scoped_terms(loss: LossExpr) -> list[tuple[Term, Scope]]:
+    """Every estimator term of a loss tree, left to right (as ``terms``), with its normaliser
+    scope: a ``joint`` opens a group (a ``joint`` inside another joins the outer one), a
+    ``per_question`` sets per-question counts for everything under it. The one walk of the
+    scopes: the compiler's gate and ``explain`` both read it."""
+    out: list[tuple[Term, Scope]] = []
+    groups = 0
+    stack: list[tuple[LossExpr, Scope]] = [(loss, Scope())]
+    while stack:
+        node, scope = stack.pop()
+        if isinstance(node, Term):
+            out.append((node, scope))
+        elif isinstance(node, Joint):
+            if scope.joint is None:
+                groups += 1
+                scope = Scope(groups, scope.per_question)
+            stack.append((node.loss, scope))
+        elif isinstance(node, PerQuestion):
+            stack.append((node.loss, Scope(scope.joint, True)))
+        elif isinstance(node, Scale):
+            stack.append((node.loss, scope))
+        elif isinstance(node, Sum):
+            stack.extend((item, scope) for item in reversed(node.items))
+        elif isinstance(node, Gate):
+            stack.append((node.orelse, scope))
+            stack.extend((b, scope) for _, b in reversed(node.branches))
+    return out
+
+
 def stats_used(loss: LossExpr) -> set[str]:
     """The statistics a loss tree's gate conditions and coefficients read."""
     found: set[str] = set()

@@ -14,9 +14,9 @@ statistics (acc, solved, reward_mean, reward_std, n) and the global step:
 Pairs with the same estimator are merged by adding their weights, so ``if c then grpo
 else grpo`` is exactly ``grpo``. Every row takes the weight of its question.
 
-Each pair also carries its normaliser's ``Scope``: ``joint(L)`` puts the terms of L in one
-normaliser group, ``per_question(L)`` takes their counts per question and weighs each
-question 1/Q. Only pairs of equal estimator and scope merge.
+Each pair also carries its normaliser's ``Scope`` (``hpt_dsl.recipe.scoped_terms``):
+``joint(L)`` puts the terms of L in one normaliser group, ``per_question(L)`` takes their
+counts per question and weighs each question 1/Q. Only pairs of equal estimator and scope merge.
 """
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ from hpt_dsl.recipe import (
     PerQuestion,
     Scalar,
     Scale,
+    Scope,
     Stat,
     Sum,
     Term,
     Zero,
+    scoped_terms,
     show_cond,
 )
 
@@ -104,31 +106,22 @@ def _one(stats: Stats) -> Tensor:
     return torch.ones_like(stats["n"])
 
 
-@dataclass(frozen=True)
-class Scope:
-    """Over which rows a term's aggregation counts (N_tok, N_seq) are taken.
-
-    joint:        the ``joint(...)`` group the term belongs to: its counts are over the union
-                  of the rows of the group's terms (None: over the term's own rows);
-    per_question: counts per question, and the term's weight times 1/Q (``per_question(...)``).
-    """
-
-    joint: int | None = None
-    per_question: bool = False
-
-
 Pairs = list[tuple[EstimatorSpec, WeightFn, Scope]]
 
 
-def flatten(loss: LossExpr, path: WeightFn = _one, scope: Scope = Scope()) -> tuple[Pairs, list[Branch]]:
+def flatten(loss: LossExpr, path: WeightFn = _one) -> tuple[Pairs, list[Branch]]:
     """(estimator, weight, scope) triples of a loss tree, and every gate branch (for metrics).
 
-    ``path`` is the indicator of the gate branches above this node, ``scope`` the normaliser
-    scope set by the ``joint`` / ``per_question`` around it. A ``joint`` inside another joins
-    the outer group; a joint group must not mix per-question and mini-batch terms.
+    ``path`` is the indicator of the gate branches above this node; each term's scope is the
+    one ``scoped_terms`` gives it (terms in the same left-to-right order). A joint group must
+    not mix per-question and mini-batch terms.
     """
-    counter = [0]
-    pairs, branches = _flatten(loss, path, scope, counter)
+    weighted, branches = _flatten(loss, path)
+    scoped = scoped_terms(loss)
+    pairs: Pairs = []
+    for (term, weight), (same, scope) in zip(weighted, scoped, strict=True):
+        assert term is same, "the gate's walk and scoped_terms visit the terms in one order"
+        pairs.append((term.estimator, weight, scope))
     flags: dict[int, set[bool]] = {}
     for _, _, sc in pairs:
         if sc.joint is not None:
@@ -138,26 +131,22 @@ def flatten(loss: LossExpr, path: WeightFn = _one, scope: Scope = Scope()) -> tu
     return pairs, branches
 
 
-def _flatten(loss: LossExpr, path: WeightFn, scope: Scope, counter: list[int]) -> tuple[Pairs, list[Branch]]:
+def _flatten(loss: LossExpr, path: WeightFn) -> tuple[list[tuple[Term, WeightFn]], list[Branch]]:
+    """(term, weight) pairs and gate branches, left to right."""
     if isinstance(loss, Zero):
         return [], []
     if isinstance(loss, Term):
-        return [(loss.estimator, path, scope)], []
-    if isinstance(loss, Joint):
-        if scope.joint is None:
-            counter[0] += 1
-            scope = Scope(counter[0], scope.per_question)
-        return _flatten(loss.loss, path, scope, counter)
-    if isinstance(loss, PerQuestion):
-        return _flatten(loss.loss, path, Scope(scope.joint, True), counter)
+        return [(loss, path)], []
+    if isinstance(loss, Joint | PerQuestion):  # normaliser scopes: scoped_terms
+        return _flatten(loss.loss, path)
     if isinstance(loss, Scale):
-        terms, branches = _flatten(loss.loss, path, scope, counter)
+        terms, branches = _flatten(loss.loss, path)
         coef = loss.coef
-        return [(e, _times(coef, w), sc) for e, w, sc in terms], branches
+        return [(t, _times(coef, w)) for t, w in terms], branches
     if isinstance(loss, Sum):
         terms, branches = [], []
         for item in loss.items:
-            t, b = _flatten(item, path, scope, counter)
+            t, b = _flatten(item, path)
             terms += t
             branches += b
         return terms, branches
@@ -168,7 +157,7 @@ def _flatten(loss: LossExpr, path: WeightFn, scope: Scope, counter: list[int]) -
         arms.append((_taken(conds, None, path), loss.orelse, "else"))
         for taken, body, label in arms:
             branches.append(Branch(label, taken))
-            t, b = _flatten(body, taken, scope, counter)
+            t, b = _flatten(body, taken)
             terms += t
             branches += b
         return terms, branches

@@ -37,6 +37,7 @@ from hpt_dsl.recipe import (
     Term,
     Zero,
     num,
+    scoped_terms,
     show_cond,
     show_scalar,
 )
@@ -366,30 +367,7 @@ def normalisers(loss: LossExpr) -> list[dict[str, str]]:
     """Each term's normaliser, in words and as a formula: over whose tokens its counts are
     taken (its own rows, or the union of a ``joint`` group's) and, under ``per_question``,
     per question then averaged over the Q questions of the mini-batch."""
-    found: list[tuple[EstimatorSpec, int | None, bool]] = []
-    counter = [0]
-
-    def walk(node: LossExpr, joint: int | None, pq: bool) -> None:
-        if isinstance(node, Term):
-            found.append((node.estimator, joint, pq))
-        elif isinstance(node, Joint):
-            if joint is None:
-                counter[0] += 1
-                joint = counter[0]
-            walk(node.loss, joint, pq)
-        elif isinstance(node, PerQuestion):
-            walk(node.loss, joint, True)
-        elif isinstance(node, Scale):
-            walk(node.loss, joint, pq)
-        elif isinstance(node, Sum):
-            for item in node.items:
-                walk(item, joint, pq)
-        elif isinstance(node, Gate):
-            for _, body in node.branches:
-                walk(body, joint, pq)
-            walk(node.orelse, joint, pq)
-
-    walk(loss, None, False)
+    found = [(term.estimator, scope.joint, scope.per_question) for term, scope in scoped_terms(loss)]
     out = []
     for spec, joint, pq in found:
         members = [s for s, j, _ in found if joint is not None and j == joint]
