@@ -38,9 +38,9 @@ from hpt_dsl.recipe import (
     estimator_needs,
     num,
     show_cond,
+    stats_used,
+    terms,
 )
-from hpt_dsl.recipe import stats_used as recipe_stats_used
-from hpt_dsl.recipe import terms as recipe_terms
 from hpt_dsl.settings import Settings
 
 if TYPE_CHECKING:
@@ -269,11 +269,7 @@ def check_sampling(ck: Checker, needs: Needs, settings_pos: dict[tuple[str, str]
         )
 
 
-# ----- walking the loss tree -------------------------------------------------------------------
-
-
-terms = recipe_terms
-stats_used = recipe_stats_used
+# ----- what a run needs ------------------------------------------------------------------------
 
 
 def needs(loss: LossExpr, plugins: tuple[Plugin, ...] = ()) -> Needs:
