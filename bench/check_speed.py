@@ -10,14 +10,13 @@ be: the checker reads a plugin's declarations without running it). Writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from _results import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
@@ -56,14 +55,8 @@ def main() -> None:
         print(f"{label:38s} command {row['command_best_s']:.3f} s (median {row['command_median_s']:.3f}), "
               f"check alone {row['check_best_s'] * 1000:.1f} ms (median {row['check_median_s'] * 1000:.1f}), "
               f"torch imported: {torch_loaded}")  # fmt: skip
-    result = {
-        "benchmark": "check_speed", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
-        "command": "python bench/check_speed.py --runs " + str(args.runs), "runs": args.runs, "rows": rows,
-    }  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, "check_speed", "python bench/check_speed.py --runs " + str(args.runs), runs=args.runs,
+                 rows=rows)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from _results import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,16 +66,9 @@ def main() -> None:
     print(f"final held-out accuracy: median {s['median_final_acc']:.3f}, min {s['min_final_acc']:.3f}, "
           f"max {s['max_final_acc']:.3f} (mean {s['mean_final_acc']:.3f} ± {s['std_final_acc']:.3f}); "
           f"slowest run {s['max_wall_s']:.1f} s")  # fmt: skip
-    result = {
-        "benchmark": "default_run", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
-        "command": " ".join(["python bench/default_run.py", "--recipe", args.recipe, "--seeds",
-                             *map(str, args.seeds), *[f"--set {s}" for s in args.sets]]),
-        "rows": rows, "summary": summary,
-    }  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    command = " ".join(["python bench/default_run.py", "--recipe", args.recipe, "--seeds", *map(str, args.seeds),
+                        *[f"--set {s}" for s in args.sets]])  # fmt: skip
+    write_result(args.out, "default_run", command, rows=rows, summary=summary)
 
 
 if __name__ == "__main__":
