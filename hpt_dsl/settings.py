@@ -107,6 +107,20 @@ class LearnerSettings(_Section):
     share_prompts: bool = Field(
         True, description="run each distinct prompt of a micro-batch once and share its KV cache"
     )
+    fused_logprob: bool = Field(
+        True,
+        description="log-probs and entropy from the last hidden states and the output head in chunks of "
+        "tokens, never the (tokens x vocabulary) logits; false = the model's logits (models without a head "
+        "always get them)",
+    )
+    logprob_chunk: int | None = Field(
+        None, gt=0, description="tokens per chunk of the fused log-prob path; None = 64 MiB of float32 logits "
+        "on a CPU, 256 MiB on a GPU",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the policy's and the critic's layer activations in the backward pass "
+        "instead of keeping them (less memory, about one more forward pass of time)",
+    )
 
 
 class CriticSettings(_Section):
@@ -126,6 +140,10 @@ class TrainSettings(_Section):
         2, ge=1, description="optimizer steps per rollout batch per epoch (the HPT paper: 2, so the clip acts)"
     )
     micro_batch: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, description="token budget of a micro-batch: rows sorted by length are packed so that each "
+        "micro-batch's padded tokens stay within it (a longer row alone); None = rows only (train.micro_batch)",
+    )
     epochs: int = Field(1, ge=1, description="update epochs over each rollout batch")
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)

@@ -249,9 +249,8 @@ def _shared_prompts(files: Path) -> None:
     assert counts[0] > 0 == counts[1], counts
 
 
-def _micro_batches(files: Path) -> None:
-    """The learner's forward passes come in chunks of train.micro_batch rows (the gradient they
-    accumulate is the same; the memory a pass takes is not)."""
+def _largest_micro_batches(key: str, values: tuple[Any, ...], files: Path) -> list[int]:
+    """The most rows of a micro-batch in a one-step SFT run of 4 questions, for each value of ``key``."""
     from hpt_dsl.learner.torch import TorchLearner
 
     sizes: list[int] = []
@@ -266,14 +265,84 @@ def _micro_batches(files: Path) -> None:
     mp.setattr(TorchLearner, "_micro_batches", recorded)
     try:
         seen = []
-        for value in (4, 1):
+        for value in values:
             sizes.clear()
-            sets = (*BASE, "train.questions=4", "train.mini_batches=1", f"train.micro_batch={value}", "train.steps=1")
+            sets = (*BASE, "train.questions=4", "train.mini_batches=1", f"{key}={value}", "train.steps=1")
             fingerprint("sft.hpt", expand(sets, files), files)
             seen.append(max(sizes))
     finally:
         mp.undo()
+    return seen
+
+
+def _micro_batches(files: Path) -> None:
+    """The learner's forward passes come in chunks of train.micro_batch rows (the gradient they
+    accumulate is the same; the memory a pass takes is not)."""
+    seen = _largest_micro_batches("train.micro_batch", (4, 1), files)
     assert seen == [4, 1], seen
+
+
+def _fused_calls(sets: tuple[str, ...], files: Path) -> list[Any]:
+    """The ``chunk`` argument of each call of the fused log-prob kernel in a one-step SFT run."""
+    from hpt_dsl.learner import torch as torch_learner
+
+    chunks: list[Any] = []
+    real = torch_learner.fused_token_logprobs
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        chunks.append(kwargs.get("chunk"))
+        return real(*args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch_learner, "fused_token_logprobs", counted)
+    try:
+        fingerprint("sft.hpt", expand((*BASE, "train.steps=1", *sets), files), files)
+    finally:
+        mp.undo()
+    return chunks
+
+
+def _fused_logprob(files: Path) -> None:
+    """The learner computes the log-probs from the hidden states and the head only when it is on."""
+    assert len(_fused_calls(("learner.fused_logprob=true",), files)) > 0
+    assert _fused_calls(("learner.fused_logprob=false",), files) == []
+
+
+def _logprob_chunk(files: Path) -> None:
+    """The fused kernel's chunk is the setting (the numbers do not change, the memory does)."""
+    assert set(_fused_calls(("learner.logprob_chunk=3",), files)) == {3}
+    assert set(_fused_calls(("learner.logprob_chunk=5",), files)) == {5}
+
+
+def _gradient_checkpointing(files: Path) -> None:
+    """The policy's layers are checkpointed only when it is on (and the critic's: PPO)."""
+    from transformers import PreTrainedModel
+
+    enabled: list[str] = []
+    real = PreTrainedModel.gradient_checkpointing_enable
+
+    def recorded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        enabled.append(type(self).__name__)
+        return real(self, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(PreTrainedModel, "gradient_checkpointing_enable", recorded)
+    try:
+        seen = []
+        for value in ("true", "false"):
+            enabled.clear()
+            fingerprint("ppo.hpt", expand((*BASE, *SAMPLED, f"learner.gradient_checkpointing={value}",
+                                           "train.steps=1"), files), files)  # fmt: skip
+            seen.append(sorted(enabled))
+    finally:
+        mp.undo()
+    assert seen == [["LlamaForCausalLM", "LlamaModel"], []], seen
+
+
+def _micro_batch_tokens(files: Path) -> None:
+    """A token budget splits the learner's passes into smaller micro-batches."""
+    seen = _largest_micro_batches("train.micro_batch_tokens", (1000, 20), files)
+    assert seen[0] == 4 > seen[1], seen
 
 
 def _output_dir(files: Path) -> None:
@@ -338,6 +407,9 @@ EFFECT: dict[str, Case | Probe] = {
     "learner.offload": Probe(_ds_config({"offload": True}, {"zero_stage": 2})),
     "learner.deepspeed_config": Probe(_ds_config({"deepspeed_config": "ds.json"})),
     "learner.share_prompts": Probe(_shared_prompts),
+    "learner.fused_logprob": Probe(_fused_logprob),
+    "learner.logprob_chunk": Probe(_logprob_chunk, "the chunk changes the memory, not the numbers"),
+    "learner.gradient_checkpointing": Probe(_gradient_checkpointing, "recomputing activations changes the memory"),
     "critic.lr": Case("critic.lr=0.5", SAMPLED, recipe="ppo.hpt"),
     "critic.value_clip": Case("critic.value_clip=0.01", (*SAMPLED, "train.epochs=2"), recipe="ppo.hpt"),
     "critic.coef": Case("critic.coef=3.0", SAMPLED, recipe="ppo.hpt"),
@@ -345,6 +417,7 @@ EFFECT: dict[str, Case | Probe] = {
     "train.questions": Case("train.questions=3"),
     "train.mini_batches": Case("train.mini_batches=1"),
     "train.micro_batch": Probe(_micro_batches),
+    "train.micro_batch_tokens": Probe(_micro_batch_tokens),
     "train.epochs": Case("train.epochs=2"),
     "train.lr": Case("train.lr=0.02"),
     "train.warmup_steps": Case("train.warmup_steps=0"),
@@ -405,6 +478,8 @@ IGNORED: list[tuple[str, Case]] = [
     ("learner.deepspeed_config", Case('learner.deepspeed_config="ds.json"')),
     ("learner.share_prompts", Case("learner.share_prompts=false", ("learner.engine=deepspeed",
                                                                     "learner.zero_stage=3"), run=False)),
+    ("learner.share_prompts", Case("learner.share_prompts=false", ("learner.gradient_checkpointing=true",))),
+    ("learner.logprob_chunk", Case("learner.logprob_chunk=4", ("learner.fused_logprob=false",))),
     ("critic.lr", Case("critic.lr=0.5")),
     ("critic.value_clip", Case("critic.value_clip=0.01")),
     ("critic.coef", Case("critic.coef=3.0")),

@@ -144,6 +144,19 @@ RULES: tuple[Rule, ...] = (
         "remove it",
     ),
     Rule(
+        ("learner.share_prompts",),
+        lambda s, n: s.learner.gradient_checkpointing,
+        "a checkpointed layer keeps no KV cache to share, so learner.gradient_checkpointing = true runs each "
+        "micro-batch as one plain forward",
+        "remove it, or set learner.gradient_checkpointing = false",
+    ),
+    Rule(
+        ("learner.logprob_chunk",),
+        lambda s, n: not s.learner.fused_logprob,
+        "it sizes the chunks of the fused log-prob path, and learner.fused_logprob is off",
+        "set learner.fused_logprob = true, or remove it",
+    ),
+    Rule(
         ("critic.lr", "critic.value_clip", "critic.coef"),
         lambda s, n: not n.critic,
         "no estimator of this recipe uses a critic (adv=gae)",

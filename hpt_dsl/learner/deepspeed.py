@@ -11,6 +11,11 @@ Per optimizer mini-batch, on each rank r of W (its questions' rows, ``prep`` fro
         engine.backward(loss_i); engine.step()        # the update happens at the boundary
     => grad = sum_r sum_i grad(loss_i) / W = the one-process gradient
 
+The number of micro-batches may differ between ranks and between updates (token budgets,
+``train.micro_batch_tokens``): the accumulation boundary is set by hand at the last one, and
+DeepSpeed's ``gradient_accumulation_steps`` only sizes its config (the loss is not scaled by it).
+At ZeRO-3 the fused log-prob path gathers the output head for its chunks (forward and backward).
+
 Gradient clipping (``train.grad_clip``), the AdamW step and the schedule run inside the
 engine. A non-finite loss turns the gradients to NaN, and a step with a non-finite
 gradient norm is skipped (DeepSpeed's overflow check; our own at ZeRO 0 in fp32).
@@ -177,6 +182,14 @@ class DeepSpeedLearner(TorchLearner):
 
     # ----- forward passes ---------------------------------------------------------------------
 
+    def _gather_for(self, params: list[Tensor]) -> Any:
+        """ZeRO-3: the fused log-prob path gathers the output head (a collective: every rank
+        runs the same passes); None for parameters that are whole (the reference model's)."""
+        if not any(hasattr(p, "ds_id") for p in params):
+            return None
+        deepspeed = import_deepspeed()
+        return lambda: deepspeed.zero.GatheredParameters(params)
+
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch, which: Literal["policy", "ref"] = "policy") -> Tensor:
         if which == "ref":
@@ -191,13 +204,18 @@ class DeepSpeedLearner(TorchLearner):
 
     def _collective_pass(self, batch: TrainBatch, fn: Any) -> Tensor:
         """The plain learner's no-grad pass; under ZeRO-3 every forward gathers parameters from
-        all ranks, so every rank runs as many passes as the busiest (extra ones on one row)."""
-        out = self._no_grad_pass(batch, fn)
-        if self.zero_stage == 3:
-            mine = -(-len(batch) // self.settings.train.micro_batch)  # the micro-batches of _no_grad_pass
-            for _ in range(comm.all_reduce_max(mine) - mine):
-                filler = self._filler()
-                fn(filler, filler)
+        all ranks, so every rank runs as many passes as the busiest (extra ones on one row),
+        agreed on before the first pass (a rank's forward waits for every rank's gathers)."""
+        extra = [0]
+
+        def agree(mine: int) -> None:
+            if self.zero_stage == 3:
+                extra[0] = comm.all_reduce_max(mine) - mine
+
+        out = self._no_grad_pass(batch, fn, agree)
+        for _ in range(extra[0]):
+            filler = self._filler()
+            fn(filler, filler)
         return out
 
     def _filler(self) -> TrainBatch:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from hpt_dsl.batch import TrainBatch, model_inputs, positions
+from hpt_dsl.learner.head import FusedHead, run
 from hpt_dsl.models import plain_cache
 
 
@@ -51,17 +52,17 @@ def distinct_prompts(mb: TrainBatch) -> tuple[Tensor, Tensor] | None:
 
 
 def shared_prompt_logits(
-    model: Any, mb: TrainBatch, device: torch.device, rows: Tensor, owner: Tensor
+    model: Any, mb: TrainBatch, device: torch.device, rows: Tensor, owner: Tensor, head: FusedHead | None = None
 ) -> tuple[Tensor, Tensor] | None:
     """(first, rest): the logits of response token 0, (B, 1, V), and of tokens 1..T-1,
     (B, T-1, V), computed with each distinct prompt (``rows``) run once and its cache shared
-    by the rows that ``owner`` maps to it. None when the model's cache is not plain."""
+    by the rows that ``owner`` maps to it; with ``head`` (the fused path) the last hidden
+    states there instead, (B, 1, H) and (B, T-1, H). None when the model's cache is not plain."""
     P, T = mb.prompt_ids.shape[1], mb.response_ids.shape[1]
     rows = rows.to(mb.prompt_ids.device)
     p_ids, p_mask = mb.prompt_ids[rows].to(device), mb.prompt_mask[rows].to(device)
-    out = model(
-        input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask), use_cache=True, logits_to_keep=1
-    )
+    last, out = run(model, head, 1, input_ids=p_ids, attention_mask=p_mask, position_ids=positions(p_mask),
+                    use_cache=True)  # fmt: skip
     cache = out.past_key_values
     if not plain_cache(cache):
         return None
@@ -69,15 +70,17 @@ def shared_prompt_logits(
     cache.batch_select_indices(owner)
     _, mask, pos = model_inputs(mb, device)
     pos = pos[:, P:]
-    first = out.logits[:, -1:][owner]
+    first = last[:, -1:][owner]
     if T == 1:
         return first, first[:, :0]
-    rest = model(
+    rest, _ = run(
+        model,
+        head,
+        T - 1,
         input_ids=mb.response_ids[:, : T - 1].to(device),
         attention_mask=mask[:, : P + T - 1],
         position_ids=pos[:, : T - 1],
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=T - 1,
-    ).logits
+    )
     return first, rest

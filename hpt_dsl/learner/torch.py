@@ -3,8 +3,12 @@
 One ``update`` is one optimizer step over one optimizer mini-batch:
 
     rows  = the rows the loss gives weight (``used_rows(prep)``), sorted by length
-    for each micro-batch of ``train.micro_batch`` rows (padding trimmed to its own width):
-        logprobs, entropy = token_logprobs(policy(prompt + response) / tau)
+    for each micro-batch of ``train.micro_batch`` rows, and at most ``train.micro_batch_tokens``
+    padded tokens when set (padding trimmed to its own width):
+        logprobs, entropy = fused_token_logprobs(decoder(prompt + response), lm_head, tau)
+                            (the fused path, ``hpt_dsl.fused_logprob``: no (tokens x vocabulary)
+                            logits; ``learner.fused_logprob = false`` or a model without a
+                            head: token_logprobs(policy(prompt + response) / tau))
                             (each distinct prompt run once, see ``hpt_dsl.learner.prefix``)
         out = program.loss(prep, logprobs, rows, entropy, values=critic(...))
         (out.loss + out.value_loss).backward()      # micro-batch losses sum to the full loss
@@ -13,7 +17,9 @@ One ``update`` is one optimizer step over one optimizer mini-batch:
 
 The reference model (a frozen copy of the starting policy) exists only when the recipe has
 a KL term; the critic (the policy's backbone with a scalar value head, its own AdamW at
-``critic.lr``) only for ``adv=gae``.
+``critic.lr``) only for ``adv=gae``. ``learner.gradient_checkpointing`` recomputes the policy's
+and the critic's layer activations in the backward pass (transformers' checkpointing, not
+reentrant); it turns prompt sharing off, since a checkpointed layer keeps no KV cache.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -30,7 +36,9 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from hpt_dsl.batch import TrainBatch, model_inputs, used_rows
+from hpt_dsl.fused_logprob import Gather, fused_token_logprobs
 from hpt_dsl.learner.base import TOTAL, Learner, UpdateResult, add_metrics, add_prepared_metrics, read_metrics
+from hpt_dsl.learner.head import FusedHead, HeadMismatch, find_head, run
 from hpt_dsl.learner.prefix import distinct_prompts, shared_prompt_logits
 from hpt_dsl.logprob import token_logprobs
 from hpt_dsl.recipe import Recipe
@@ -90,6 +98,8 @@ class TorchLearner(Learner):
         self.temperature = s.rollout.temperature
         self.with_entropy = recipe.needs.entropy
         self.share_prompts = s.learner.share_prompts  # turned off for good if the model's cache is not plain
+        self.fused = s.learner.fused_logprob
+        self._heads: dict[int, FusedHead | None] = {}  # per model: its fused head, None for the plain path
         self.autocast = s.learner.precision == "bf16"
         t = s.train
         self.total_updates = t.steps * t.mini_batches * t.epochs
@@ -106,35 +116,70 @@ class TorchLearner(Learner):
             c = s.critic or CriticSettings()
             self.critic = ValueModel(model).to(self.device)
             self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=c.lr, betas=tuple(t.betas))
+        if s.learner.gradient_checkpointing:
+            for m in (model, None if self.critic is None else self.critic.body):
+                if m is not None:
+                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.share_prompts = False  # a checkpointed layer keeps no KV cache
         self.model.train()
+        if self.critic is not None:  # as the policy (a loaded model starts in eval mode, unchecked)
+            self.critic.train()
 
     # ----- forward passes ---------------------------------------------------------------------
+
+    def _head(self, model: Any) -> FusedHead | None:
+        """``model``'s fused head, found once; None for the plain path (``learner.fused_logprob =
+        false``, a model without a head, or one whose logits are not its head's)."""
+        if not self.fused:
+            return None
+        if id(model) not in self._heads:
+            self._heads[id(model)] = find_head(model, self._gather_for)
+        return self._heads[id(model)]
+
+    def _gather_for(self, params: list[Tensor]) -> Gather | None:
+        """How to make ``params`` whole for the fused path: they are (ZeRO-3 overrides it)."""
+        return None
 
     def _logprobs(
         self, model: nn.Module, mb: TrainBatch, with_entropy: bool, host: TrainBatch | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """(b, T) log pi(response token | prefix) at temperature tau, and the entropy. ``host``:
         the same rows on the CPU, where the distinct prompts are found (no device sync)."""
+        head = self._head(model)
+        try:
+            return self._scored(model, head, mb, with_entropy, host)
+        except HeadMismatch:  # the model's logits are not its head's: the plain path from now on
+            self._heads[id(model)] = None
+            return self._scored(model, None, mb, with_entropy, host)
+
+    def _scored(
+        self, model: nn.Module, head: FusedHead | None, mb: TrainBatch, with_entropy: bool, host: TrainBatch | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``_logprobs`` from the last hidden states and ``head`` (the fused path), or from the
+        logits (``head`` None)."""
         y = mb.response_ids.to(self.device)
         shared = distinct_prompts(mb if host is None else host) if self.share_prompts else None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            split = None if shared is None else shared_prompt_logits(model, mb, self.device, *shared)
+            split = None if shared is None else shared_prompt_logits(model, mb, self.device, *shared, head=head)
             if shared is not None and split is None:
                 self.share_prompts = False
             if split is None:
                 ids, mask, pos = model_inputs(mb, self.device)
-                logits = model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                    logits_to_keep=y.shape[1] + 1,
-                ).logits[:, :-1]  # fmt: skip
-        if split is None:
-            return token_logprobs(logits, y, self.temperature, with_entropy)
-        first, rest = split
-        parts = [token_logprobs(first, y[:, :1], self.temperature, with_entropy)]
-        if rest.shape[1]:
-            parts.append(token_logprobs(rest, y[:, 1:], self.temperature, with_entropy))
-        lp = torch.cat([p[0] for p in parts], dim=1)
-        ent = torch.cat([p[1] for p in parts if p[1] is not None], dim=1) if with_entropy else None
+                x, _ = run(model, head, y.shape[1] + 1, input_ids=ids, attention_mask=mask, position_ids=pos,
+                           use_cache=False)  # fmt: skip
+                parts = [(x[:, :-1], y)]
+            else:
+                first, rest = split
+                parts = [(first, y[:, :1])] + ([(rest, y[:, 1:])] if rest.shape[1] else [])
+            if head is not None:  # hidden states: one call over the response tokens, in autocast's dtype
+                h = parts[0][0] if len(parts) == 1 else torch.cat([x for x, _ in parts], dim=1)
+                return fused_token_logprobs(h, head.weight, y, self.temperature, with_entropy, bias=head.bias,
+                                            chunk=self.settings.learner.logprob_chunk, gather=head.gather)
+        scored = [token_logprobs(z, t, self.temperature, with_entropy) for z, t in parts]
+        if len(scored) == 1:
+            return scored[0]
+        lp = torch.cat([p[0] for p in scored], dim=1)
+        ent = torch.cat([p[1] for p in scored if p[1] is not None], dim=1) if with_entropy else None
         return lp, ent
 
     def _values(self, mb: TrainBatch, host: TrainBatch | None = None) -> Tensor:
@@ -160,12 +205,16 @@ class TorchLearner(Learner):
             raise RuntimeError("this recipe has no critic (no adv=gae)")
         return self._no_grad_pass(batch, self._values)
 
-    def _no_grad_pass(self, batch: TrainBatch, fn: Any) -> Tensor:
-        """``fn(micro_batch, its host copy)`` over every row, in micro-batches, into (B, T)."""
+    def _no_grad_pass(self, batch: TrainBatch, fn: Any, before: Callable[[int], None] | None = None) -> Tensor:
+        """``fn(micro_batch, its host copy)`` over every row, in micro-batches, into (B, T).
+        ``before(n)`` is told the number of micro-batches before the first one runs."""
         B, T = batch.response_ids.shape
         out = torch.zeros(B, T, dtype=torch.float32, device=batch.response_mask.device)
         host = batch.to("cpu")  # widths and prompts read on the host: one copy per pass
-        for idx in self._micro_batches(host, torch.arange(B, device="cpu")):
+        chunks = self._micro_batches(host, torch.arange(B, device="cpu"))
+        if before is not None:
+            before(len(chunks))
+        for idx in chunks:
             host_mb = host.select(idx)
             mb = batch.select(idx, like=host_mb)
             x = fn(mb, host_mb).float().to(out.device)
@@ -174,13 +223,31 @@ class TorchLearner(Learner):
 
     def _micro_batches(self, host: TrainBatch, rows: Tensor) -> list[Tensor]:
         """``rows`` sorted by length, in chunks of ``train.micro_batch`` (less padding);
-        ``host`` is the batch on the CPU."""
+        ``host`` is the batch on the CPU. With ``train.micro_batch_tokens`` = N, a chunk also
+        ends before the row that would take its padded tokens past N:
+
+            tokens(chunk) = |chunk| * (max prompt length + max response length over the chunk)
+
+        (the width it is trimmed to); a row longer than N alone is a chunk of its own."""
         if rows.numel() == 0:
             return []
         lengths = (host.prompt_mask.sum(1) + host.response_mask.sum(1))[rows]
         order = rows[torch.argsort(lengths, descending=True, stable=True)]
-        size = self.settings.train.micro_batch
-        return [order[i : i + size] for i in range(0, order.numel(), size)]
+        size, budget = self.settings.train.micro_batch, self.settings.train.micro_batch_tokens
+        if budget is None:
+            return [order[i : i + size] for i in range(0, order.numel(), size)]
+        p_len = (host.prompt_mask > 0).sum(1)[order].tolist()
+        r_len = (host.response_mask > 0).sum(1)[order].tolist()
+        chunks: list[Tensor] = []
+        start, p_max, r_max = 0, 0, 1  # a trimmed batch keeps at least one response column
+        for i, (p, r) in enumerate(zip(p_len, r_len, strict=True)):
+            wide_p, wide_r = max(p_max, p), max(r_max, r)
+            if i > start and ((i - start + 1) * (wide_p + wide_r) > budget or i - start == size):
+                chunks.append(order[start:i])
+                start, wide_p, wide_r = i, p, max(1, r)
+            p_max, r_max = wide_p, wide_r
+        chunks.append(order[start:])
+        return chunks
 
     # ----- one optimizer step ----------------------------------------------------------------
 
