@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Section(BaseModel):
@@ -93,6 +93,9 @@ class RolloutSettings(_Section):
     sleep_between_steps: bool = True
     max_model_len: int | None = Field(
         None, gt=0, description="vLLM: longest prompt + response it holds; None = the model's maximum"
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vLLM: processes (consecutive ranks) per engine; divides the number of processes"
     )
 
 
@@ -180,6 +183,25 @@ class EvalSettings(_Section):
     reward: str | None = Field(None, description="None = data.reward")
 
 
+class LogSettings(_Section):
+    """[log] experiment trackers that receive every metrics line, the config and the figures."""
+
+    to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = Field(
+        (),
+        description="trackers, any of tensorboard, wandb, mlflow (--set log.to=tensorboard,wandb); "
+        "() = metrics.jsonl only",
+    )
+    project: str = Field("hpt-dsl", min_length=1, description="the W&B project and the MLflow experiment")
+
+    @field_validator("to", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        """``tensorboard,wandb`` (the command line's form) is the list of both."""
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "model": ModelSettings,
     "data": DataSettings,
@@ -188,6 +210,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "critic": CriticSettings,
     "train": TrainSettings,
     "eval": EvalSettings,
+    "log": LogSettings,
 }
 
 
@@ -203,3 +226,4 @@ class Settings(BaseModel):
     critic: CriticSettings | None = None
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    log: LogSettings = Field(default_factory=LogSettings)

@@ -60,6 +60,7 @@ from hpt_dsl.recipe import Recipe
 from hpt_dsl.report import Reporter, truncate_metrics
 from hpt_dsl.rollout.base import Rollout, SamplingParams
 from hpt_dsl.sampling import Filled, fill_share, flatten, groups_of, overlong_penalty, round_questions, zero_variance
+from hpt_dsl.trackers import Trackers
 
 SetupError = errors.SetupError
 """Bad input found before training starts (``hpt_dsl.errors.SetupError``, exit code 2)."""
@@ -103,6 +104,11 @@ def start_processes(settings: Any) -> None:
     """Before any model is loaded: check the DeepSpeed config (a wrong one costs a second,
     not a model load) and, with several processes, start their process group."""
     world = dist.world_size()
+    if settings.rollout.engine == "vllm":
+        from hpt_dsl.rollout.colocate import tensor_parallel_error
+
+        if why := tensor_parallel_error(settings.rollout.tensor_parallel_size, world):
+            raise SetupError(why)
     if settings.learner.engine != "deepspeed":
         if world > 1:
             raise SetupError(
@@ -248,13 +254,15 @@ class Trainer:
         """This process's rollouts of ``questions`` in sampling round ``round_``, and their
         verifier scores."""
         s = self.s
+        seeded = self.engine.prompt_seeded  # seeds by the prompt's place in the step, not by the process
         params = SamplingParams(
             n=s.rollout.n,
             temperature=s.rollout.temperature,
             top_p=s.rollout.top_p,
             top_k=s.rollout.top_k,
             max_new_tokens=s.rollout.max_new_tokens,
-            seed=sample_seed(s.train.seed, step, dist.rank(), round_),
+            seed=sample_seed(s.train.seed, step, 0 if seeded else dist.rank(), round_),
+            first_prompt=self.shard.start,
         )
         rollouts = self.engine.generate([self.prompts.prompt(q) for q in questions], params)
         texts = [self.tokenizer.decode(list(r.token_ids), skip_special_tokens=True) for r in rollouts]
@@ -460,8 +468,9 @@ def train(
     ``resume``); with ``json_logs`` every metrics line is also written to ``json_stream``
     (stdout); with ``plots`` the run's figures are drawn into ``run_dir/plots`` at the end.
     A write that fails, or another process of the run that stops, raises ``RunFault``."""
+    trackers = Trackers(recipe.settings.log.to, main=dist.is_main())  # a missing library: SetupError here
     try:
-        return _train(recipe, run_dir, resume, quiet, json_logs, json_stream, plots)
+        return _train(recipe, run_dir, resume, quiet, json_logs, json_stream, plots, trackers)
     except (RunFault, RunInterrupted, SetupError, ckpt.CheckpointError):
         raise
     except Exception as err:
@@ -476,6 +485,8 @@ def train(
             raise write_fault("the run's files", where, err, then=f"{kept}: free some space, then --resume "
                               f"{run_dir}.") from err
         raise
+    finally:
+        trackers.close()  # after an error or Ctrl-C (a run that ended well closed them)
 
 
 def _train(
@@ -486,6 +497,7 @@ def _train(
     json_logs: bool,
     json_stream: TextIO | None,
     plots: bool,
+    trackers: Trackers,
 ) -> RunResult:
     s = recipe.settings
     started = time.perf_counter()
@@ -496,10 +508,12 @@ def _train(
     start_processes(s)
     dist.barrier()  # every process has looked at the run folder before the first one writes
     reporter = Reporter(
-        run_dir, s.train.steps, quiet=quiet, json_logs=json_logs, json_stream=json_stream, writes=main
+        run_dir, s.train.steps, quiet=quiet, json_logs=json_logs, json_stream=json_stream, writes=main,
+        trackers=trackers,
     )
     latest = ckpt.choose_resume(run_dir, reporter.warning) if resume else None
     runfolder.open_run_folder(run_dir, recipe, main, dist.world_size())
+    trackers.start(recipe, run_dir, resume, quiet)  # log.to, first process only; before the model loads
     trainer = Trainer(recipe, run_dir, reporter)
     need = ckpt.size_of(latest) or ckpt.estimate_bytes(trainer.learner, s.learner.engine)
     final_bytes = ckpt.estimate_bytes(trainer.learner, s.learner.engine, weights_only=True)
@@ -574,6 +588,7 @@ def _train(
     extra = {"run folder": str(run_dir), "final model": str(run_dir / "final-model")}
     if plots and main:
         extra["figures"] = draw_run_figures(run_dir, reporter.message)
+    trackers.finish(run_dir / "plots" if plots and main else None)
     reporter.summary(run_dir, wall, extra)
     return RunResult(run_dir, s.train.steps, wall, reporter.first_eval, reporter.last_eval or None)
 

@@ -3,6 +3,7 @@ checked, and a wrong one is a clear error (with the file and key) before any mod
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -126,18 +127,18 @@ def test_offload_without_zero_is_an_error() -> None:
         build_config(settings(offload=True, zero_stage=0), world_size=1, cuda=False)
 
 
-def test_zero3_over_processes_samples_with_the_hf_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loop's check: ZeRO-3 over several processes runs with the hf engine (which samples in
-    lockstep); the vLLM engine, one process only for now, is refused before any model loads,
-    pointing at the hf engine."""
+def test_every_zero_stage_over_processes_with_either_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's check passes every ZeRO stage over several processes, with the hf engine
+    (which samples in lockstep under ZeRO-3) and with vLLM (an engine on every process)."""
     assert preflight(settings(zero_stage=3))["zero_optimization"]["stage"] == 3  # one process: fine
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for stage in (0, 2, 3):
-        assert preflight(settings(zero_stage=stage))["zero_optimization"]["stage"] == stage
-    s = settings(zero_stage=3)
-    s.rollout.engine = "vllm"
-    with pytest.raises(DeepSpeedConfigError, match='does not yet serve 2 processes; use rollout.engine = "hf"'):
-        preflight(s)
+    for engine, stage in itertools.product(("hf", "vllm"), (0, 2, 3)):
+        s = settings(zero_stage=stage)
+        s.rollout.engine = engine
+        config = preflight(s)
+        assert config["zero_optimization"]["stage"] == stage
+        assert config["train_batch_size"] == config["train_micro_batch_size_per_gpu"] * 2 * config[
+            "gradient_accumulation_steps"]
 
 
 def test_bad_json_and_missing_file_give_place(tmp_path: Path) -> None:

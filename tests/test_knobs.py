@@ -360,6 +360,42 @@ def _threads(_: Path) -> None:
     assert cpu_threads(Settings(train={"threads": 3})) == 3 != cpu_threads(Settings())
 
 
+def _trackers(sets: tuple[str, ...], check: Callable[[Path], None]) -> Callable[[Path], None]:
+    """A one-step run with ``sets`` (hpt_dsl.trackers); ``check(run folder)`` asserts what it wrote."""
+
+    def probe(files: Path) -> None:
+        from hpt_dsl.train import run_recipe
+
+        out = files / f"trackers-{next(_runs)}"
+        mp = pytest.MonkeyPatch()
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        try:
+            run_recipe(ROOT / "recipes/sft.hpt", overrides=[*BASE, "train.steps=1", *sets], output=out, quiet=True)
+        finally:
+            mp.undo()
+        check(out)
+
+    return probe
+
+
+def _tensorboard_events(run: Path) -> None:
+    assert list((run / "tensorboard").glob("events.*"))
+
+
+def _mlflow_experiment(run: Path) -> None:
+    """The MLflow run is in the experiment log.project names."""
+    from mlflow.tracking import MlflowClient
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    try:
+        client = MlflowClient((run / "mlruns").resolve().as_uri())
+        (experiment,) = [e for e in client.search_experiments() if client.search_runs([e.experiment_id])]
+    finally:
+        mp.undo()
+    assert experiment.name == "knobs"
+
+
 FILE = "@file"  # replaced by file_data(files)
 FILE_TEST = "@file+test"
 SAMPLED = (FILE_TEST, "data.reward=knob_rewards:parity")  # rewards, and so updates, that depend on the samples
@@ -401,6 +437,7 @@ EFFECT: dict[str, Case | Probe] = {
     "rollout.gpu_memory_utilization": Probe(lambda _: _vllm_kwargs("gpu_memory_utilization", 0.9)),
     "rollout.sleep_between_steps": Probe(lambda _: _vllm_kwargs("sleep_between_steps", False)),
     "rollout.max_model_len": Probe(lambda _: _vllm_kwargs("max_model_len", 256)),
+    "rollout.tensor_parallel_size": Probe(lambda _: _vllm_kwargs("tensor_parallel_size", 2)),
     "learner.engine": Probe(_deepspeed_learner),
     "learner.precision": Case("learner.precision=bf16"),
     "learner.zero_stage": Probe(_ds_config({"zero_stage": 2})),
@@ -438,6 +475,8 @@ EFFECT: dict[str, Case | Probe] = {
     "eval.top_p": Case("eval.top_p=0.5", SAMPLED),
     "eval.max_new_tokens": Case("eval.max_new_tokens=3"),
     "eval.reward": Case("eval.reward=knob_rewards:one", (FILE_TEST,)),
+    "log.to": Probe(_trackers(("log.to=tensorboard",), _tensorboard_events)),
+    "log.project": Probe(_trackers(("log.to=mlflow", "log.project=knobs"), _mlflow_experiment)),
 }
 
 IGNORED: list[tuple[str, Case]] = [
@@ -473,6 +512,7 @@ IGNORED: list[tuple[str, Case]] = [
     ("rollout.gpu_memory_utilization", Case("rollout.gpu_memory_utilization=0.9")),
     ("rollout.sleep_between_steps", Case("rollout.sleep_between_steps=false")),
     ("rollout.max_model_len", Case("rollout.max_model_len=256")),
+    ("rollout.tensor_parallel_size", Case("rollout.tensor_parallel_size=2")),
     ("learner.zero_stage", Case("learner.zero_stage=2")),
     ("learner.offload", Case("learner.offload=true")),
     ("learner.deepspeed_config", Case('learner.deepspeed_config="ds.json"')),
@@ -485,6 +525,7 @@ IGNORED: list[tuple[str, Case]] = [
     ("critic.coef", Case("critic.coef=3.0")),
     ("train.warmup_steps", Case("train.warmup_steps=0", ("train.schedule=constant",))),
     ("model.system_prompt", Case('model.system_prompt="Be brief."', ('model.prompt_template="Q: {question} A:"',))),
+    ("log.project", Case("log.project=knobs", ("log.to=tensorboard",))),
 ]
 
 

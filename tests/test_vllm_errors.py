@@ -61,6 +61,26 @@ def test_run_without_vllm_exits_2_with_the_install_line(
     assert "Traceback" not in result.output
 
 
+def test_tensor_parallel_size_must_divide_the_processes(tmp_path: Path) -> None:
+    """rollout.tensor_parallel_size that does not divide the number of processes: exit 2 before
+    any model loads, one line naming the setting, the values that fit and the other fix."""
+    from hpt_dsl.cli.main import app
+    from typer.testing import CliRunner
+
+    from hpt_dsl.rollout.colocate import tensor_parallel_error
+
+    assert tensor_parallel_error(2, 4) is None and tensor_parallel_error(1, 3) is None
+    assert "one of 1, 2, 4" in (tensor_parallel_error(3, 4) or "")
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "grpo.hpt"
+    args = ["run", str(recipe), "--set", "rollout.engine=vllm", "--set", "rollout.tensor_parallel_size=2",
+            "--output", str(tmp_path / "run"), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "rollout.tensor_parallel_size = 2 does not divide the run's 1 process" in result.output
+    assert "set rollout.tensor_parallel_size to one of 1" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("said", "on_cpu", "names"),
     [

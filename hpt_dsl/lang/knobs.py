@@ -126,7 +126,8 @@ RULES: tuple[Rule, ...] = (
         "set rollout.overlong_cache (e.g. a quarter of rollout.max_new_tokens), or remove it",
     ),
     Rule(
-        ("rollout.gpu_memory_utilization", "rollout.sleep_between_steps", "rollout.max_model_len"),
+        ("rollout.gpu_memory_utilization", "rollout.sleep_between_steps", "rollout.max_model_len",
+         "rollout.tensor_parallel_size"),
         lambda s, n: s.rollout.engine != "vllm",
         "it configures the vLLM engine, and this run samples with rollout.engine = hf",
         "set rollout.engine = vllm, or remove it",
@@ -167,6 +168,12 @@ RULES: tuple[Rule, ...] = (
         lambda s, n: s.train.schedule == "constant",
         "train.schedule = constant has no warm-up",
         "set train.schedule = warmup or cosine, or remove it",
+    ),
+    Rule(
+        ("log.project",),
+        lambda s, n: not {"wandb", "mlflow"} & set(s.log.to),
+        "it names the W&B project and the MLflow experiment, and log.to names neither",
+        "add wandb or mlflow to log.to (e.g. --set log.to=wandb), or remove it",
     ),
     Rule(
         ("model.system_prompt",),

@@ -248,13 +248,7 @@ def preflight(settings: Settings) -> Config:
 
     from hpt_dsl import comm
 
-    world = comm.world_size()
-    if world > 1 and settings.rollout.engine == "vllm":
-        raise DeepSpeedConfigError(
-            f"rollout.engine = \"vllm\" runs one in-process engine and does not yet serve {world} processes; "
-            "use rollout.engine = \"hf\", which samples with the learner's model at every ZeRO stage (under "
-            "ZeRO-3 the processes sample in lockstep)")
-    return build_config(settings, world, torch.cuda.is_available())
+    return build_config(settings, comm.world_size(), torch.cuda.is_available())
 
 
 def build_config(settings: Settings, world_size: int, cuda: bool) -> Config:

