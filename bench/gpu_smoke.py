@@ -49,6 +49,9 @@ CHECKS = [
     Check("memory_zero3", 120, "one update of a 1.5B model (Qwen2.5-1.5B's shape) on 8k-token responses, ZeRO-3 "
                                "bf16 with fp32 gradient accumulation, batch and prepare on CUDA: peak memory"),
     Check("memory_zero2", 120, "the same update at ZeRO-2"),
+    Check("logprob_memory", 150, "bench/logprob_memory.py on CUDA (V = 151,936, 8,192 tokens, hidden 896, float32, "
+                                 "forward + backward with entropy): the fused log-prob path against the plain "
+                                 "one, each in its own process; peak memory, time, tokens/s, agreement"),
     Check("vllm_bf16", 150, "if vLLM is installed: GRPO with rollout.engine=vllm, rollout.dtype=bfloat16 over an "
                             "fp32 learner, asleep between steps (empty_cache before wake_up)"),
     Check("fused_adam", 90, "DeepSpeed's fused AdamW: JIT build within the cap, then one ZeRO-2 step with it "
@@ -344,6 +347,28 @@ def check_memory_zero2() -> dict[str, Any]:
     return _memory(2)
 
 
+def check_logprob_memory() -> dict[str, Any]:
+    """The fused log-prob path's peak memory (torch.cuda) and time against the plain path's,
+    and the largest relative difference of their values and gradients."""
+    import subprocess
+
+    out = Path(os.environ["WORK"]) / "logprob_memory.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "logprob_memory.py"), "--device", "cuda",
+                           "--repeats", "2", "--out", str(out)], capture_output=True, text=True)  # fmt: skip
+    print(proc.stdout + proc.stderr)
+    expect(proc.returncode == 0, f"bench/logprob_memory.py exited with {proc.returncode}")
+    data = json.loads(out.read_text())
+    plain, fused, ratios = data["plain"], data["fused"], data["ratios"]
+    figures = {"plain_peak_gib": plain["peak_mib"] / 1024, "fused_peak_gib": fused["peak_mib"] / 1024,
+               "memory_ratio": ratios["memory"], "time_ratio": ratios["wall"],
+               "plain_tokens_per_s": data["tokens"] / plain["wall_s"],
+               "fused_tokens_per_s": data["tokens"] / fused["wall_s"],
+               "max_rel_diff": max(data["max_rel_diff"].values()), "per_output": data["max_rel_diff"]}  # fmt: skip
+    expect(ratios["memory"] <= 0.1, f"fused peak memory {ratios['memory']:.3f}x the plain path's (> 0.1)")
+    expect(figures["max_rel_diff"] <= 1e-5, f"fused and plain differ by {figures['max_rel_diff']:.1e} (> 1e-5)")
+    return figures
+
+
 def check_vllm_bf16() -> dict[str, Any]:
     import importlib.util
 
@@ -441,7 +466,8 @@ def verdict() -> int:
 def summary(name: str) -> str:
     entry = load_results().get("checks", {}).get(name, {"status": "missing"})
     keys = ("gpu", "hpt_dsl", "s_per_step", "generated_tokens_per_s", "peak_gpu_allocated_gib", "update_s",
-            "shared_vs_plain_max_abs", "build_s", "skipped", "error")
+            "shared_vs_plain_max_abs", "build_s", "memory_ratio", "time_ratio", "fused_tokens_per_s", "max_rel_diff",
+            "skipped", "error")
     figures = []
     for k in keys:
         if k in entry:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from logprob_memory import clock, peak_bytes, sync
+from logprob_kernel import clock, peak_bytes, sync
 from torch import Tensor
 
 from hpt_dsl import compile_estimator

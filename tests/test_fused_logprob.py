@@ -64,8 +64,12 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("chunk", [1, 4, 5, 64, None])
 @pytest.mark.parametrize("tau", [1.0, 0.7])
 @pytest.mark.parametrize("bias", [False, True])
-def test_float64_values_and_gradients_are_the_plain_paths(chunk: int | None, tau: float, bias: bool) -> None:
-    """21 tokens in chunks of 1, 4, 5 (not dividing 21), 64 and the default."""
+@pytest.mark.parametrize("block", [7, 50, fused_logprob.VOCAB_BLOCK])
+def test_float64_values_and_gradients_are_the_plain_paths(chunk: int | None, tau: float, bias: bool, block: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """21 tokens in chunks of 1, 4, 5 (not dividing 21), 64 and the default; the 50 columns of
+    the vocabulary in blocks of 7 (not dividing 50) or in one."""
+    monkeypatch.setattr(fused_logprob, "VOCAB_BLOCK", block)
     x = inputs(bias=bias)
     fused, ref = values_and_grads(x, True, tau, chunk), values_and_grads(x, False, tau)
     assert len(fused) == (5 if bias else 4)
@@ -126,9 +130,12 @@ def test_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(f, (x["h"], x["w"], x["b"]))
 
 
-def test_float32_matches_the_plain_path_to_1e5_relative() -> None:
-    """float32 at V = 2,000 (37 tokens in chunks of 8) against the float64 values: the fused path
-    is as close as the plain one, and the two agree to 1e-5 of each quantity's largest value."""
+@pytest.mark.parametrize("block", [300, fused_logprob.VOCAB_BLOCK])
+def test_float32_matches_the_plain_path_to_1e5_relative(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 at V = 2,000 (36 tokens in chunks of 8; the vocabulary in blocks of 300 or in one)
+    against the float64 values: the two paths agree to 1e-5 of each quantity's largest value,
+    and the fused one is about as close to float64 as the plain one."""
+    monkeypatch.setattr(fused_logprob, "VOCAB_BLOCK", block)
     x32 = inputs(N=36, H=64, V=2000, dtype=torch.float32, seed=4, bias=True)
     x64 = {k: (None if v is None else v.detach().double().requires_grad_(v.requires_grad)) for k, v in x32.items()}
     x64["y"] = x32["y"]
@@ -137,13 +144,15 @@ def test_float32_matches_the_plain_path_to_1e5_relative() -> None:
     for a, b, e in zip(fused, ref, exact, strict=True):
         assert a.dtype == torch.float32
         assert max_rel(a, b) < 1e-5
-        assert max_rel(a, e) < 2 * max(max_rel(b, e), 1e-6)
+        assert max_rel(a, e) < 4 * max(max_rel(b, e), 1e-6)
 
 
 @pytest.mark.parametrize("where", ["autocast", "weights"])
-def test_bfloat16_is_close_to_the_plain_path(where: str) -> None:
+def test_bfloat16_is_close_to_the_plain_path(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 as the torch learner runs it (float32 weights under autocast) and as DeepSpeed does
-    (bf16 weights): matmuls in bf16, the softmax in float32, results loosely the plain path's."""
+    (bf16 weights): matmuls in bf16, the softmax in float32, results loosely the plain path's
+    (the vocabulary in blocks of 128)."""
+    monkeypatch.setattr(fused_logprob, "VOCAB_BLOCK", 128)
     x = inputs(N=36, H=64, V=500, dtype=torch.float32, seed=5)
     if where == "weights":
         x = {k: (v.detach().bfloat16().requires_grad_(v.requires_grad) if v is not None and v.is_floating_point()
@@ -157,9 +166,9 @@ def test_bfloat16_is_close_to_the_plain_path(where: str) -> None:
 
 
 def test_peak_memory_is_a_fraction_of_the_plain_path() -> None:
-    """Forward and backward at V = 32k, 512 tokens, chunks of 32: the plain path holds the
-    logits and their gradient (two 512 x 32k float32 tensors), the fused one two chunks of them
-    and the head's gradient."""
+    """Forward and backward at V = 32k, 512 tokens, chunks of 32 (in blocks of 16k columns): the
+    plain path holds the logits and their gradient (two 512 x 32k float32 tensors), the fused
+    one two blocks of them and the head's gradient."""
     N, H, V = 512, 64, 32_000
     g = torch.Generator().manual_seed(6)
     h = torch.randn(1, N, H, generator=g, requires_grad=True)
@@ -180,9 +189,10 @@ def test_peak_memory_is_a_fraction_of_the_plain_path() -> None:
 
 
 def test_chunk_default_and_bad_input() -> None:
-    assert fused_rows(151_936, "cpu") == (64 << 20) // (4 * 151_936) == 110
-    assert fused_rows(151_936, "cuda") == (256 << 20) // (4 * 151_936) == 441
-    assert fused_rows(10**9, "cpu") == 16
+    assert fused_logprob.VOCAB_BLOCK == 16_384
+    assert fused_rows(151_936, "cpu") == (64 << 20) // (4 * 16_384) == 1024
+    assert fused_rows(151_936, "cuda") == 4096
+    assert fused_rows(2_000, "cpu") == (64 << 20) // (4 * 2_000)
     with pytest.raises(ValueError, match="expected hidden"):
         fused_token_logprobs(torch.zeros(2, 3), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
