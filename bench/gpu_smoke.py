@@ -54,6 +54,10 @@ CHECKS = [
                                  "one, each in its own process; peak memory, time, tokens/s, agreement"),
     Check("vllm_bf16", 150, "if vLLM is installed: GRPO with rollout.engine=vllm, rollout.dtype=bfloat16 over an "
                             "fp32 learner, asleep between steps (empty_cache before wake_up)"),
+    Check("vllm_launcher", 180, "if vLLM is installed: GRPO under torchrun (nproc 1) on DeepSpeed ZeRO-3 with "
+                                "the colocated vLLM engine (external_launcher in the learner's process group, "
+                                "weights gathered one parameter at a time), asleep between steps; the command "
+                                "an 8-GPU node runs with --nproc_per_node 8"),
     Check("fused_adam", 90, "DeepSpeed's fused AdamW: JIT build within the cap, then one ZeRO-2 step with it "
                             "(every other check uses torch's AdamW through DeepSpeed)"),
 ]
@@ -383,6 +387,30 @@ def check_vllm_bf16() -> dict[str, Any]:
     rows = run_loop("grpo.hpt", sets, run_dir("vllm"))
     out = {"model": what, **loop_figures(rows)}
     expect(out["steps"] == 2 and not out["skipped_steps"], f"steps {out['steps']}, skipped {out['skipped_steps']}")
+    return out
+
+
+def check_vllm_launcher() -> dict[str, Any]:
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vLLM is not installed"}
+    name, what = model_folder()
+    run = run_dir("vllm_launcher")
+    sets = loop_sets(name, 2) + ds_sets(3) + ["rollout.engine=vllm", "rollout.gpu_memory_utilization=0.3",
+                                              "rollout.max_model_len=1024", "rollout.tis_cap=2.0"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "hpt_dsl.cli.main",
+               "run", str(REPO / "recipes" / "grpo.hpt"), *(f"--set={x}" for x in sets), "-o", str(run), "--quiet",
+               "--no-plots"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=os.environ["WORK"])
+    sys.stderr.write(proc.stderr[-20000:])
+    expect(proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    engines = proc.stderr.count("Using external launcher for distributed inference")
+    out = {"model": what, "steps": len(rows), "engines": engines, "tis_mismatch": [r["tis/mismatch"] for r in rows],
+           "s_per_step": rows[-1]["time/step"] if rows else None}
+    expect(len(rows) == 2 and engines == 1 and not any(r["skipped"] for r in rows), f"{out}")
     return out
 
 
