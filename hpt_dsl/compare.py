@@ -23,11 +23,13 @@ in ``out/plots``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -283,6 +285,7 @@ def run_jobs(
     import multiprocessing
 
     pool = ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"))
+    old_term = _forward_sigterm(pool)
     try:
         futures = {}
         for job in todo:
@@ -300,8 +303,29 @@ def run_jobs(
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)  # running jobs checkpoint and stop on Ctrl-C
         raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     pool.shutdown(wait=True)
     return failures
+
+
+def _forward_sigterm(pool: ProcessPoolExecutor) -> Any:
+    """A SIGTERM to the comparing process (``kill``, a job scheduler, ``timeout``) reaches only
+    that process, not its workers: pass it on to each running worker (whose run checkpoints and
+    stops, as on Ctrl-C), then stop as on Ctrl-C, so that no worker trains on as an orphan.
+    Returns the previous handler (None off the main thread, where none is installed)."""
+
+    def handle(signum: int, frame: Any) -> None:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handle)
+    except ValueError:
+        return None
 
 
 # ----- the table ---------------------------------------------------------------------------------

@@ -214,3 +214,57 @@ def test_compare_end_to_end_trains_tabulates_and_reuses(tmp_path: Path) -> None:
     assert [m.stat().st_mtime_ns for m in metrics] == stamps
     assert again.output.count("| sft") == 0  # the console shows the rich table, not Markdown
     assert (out / "compare.md").read_text().count("| sft | 2 |") == 1
+
+
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (from /proc)."""
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        kids |= {int(x) for x in task.read_text().split()}
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, or a pid reused by another program, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.split(") ", 1)[1][0] != "Z" and b"python" in cmdline
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from /proc")
+def test_sigterm_to_compare_stops_its_workers_and_checkpoints_their_runs(tmp_path: Path) -> None:
+    """``kill`` (SIGTERM) reaches only the comparing process; its worker processes must not go
+    on training as orphans: each run checkpoints and stops, for the same command to resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "cmp"
+    argv = [sys.executable, "-m", "hpt_dsl.cli.main", "compare", str(RECIPES / "sft.hpt"), "--seeds", "2",
+            "--jobs", "2", "--threads", "1", "--out", str(out), "--set", "train.steps=100000",
+            "--set", "train.eval_every=0", "--set", "train.save_every=0", "--set", "data.max_test=4"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(out.glob("runs/*/metrics.jsonl"))) < 2:
+        time.sleep(0.5)
+    assert len(list(out.glob("runs/*/metrics.jsonl"))) == 2, "both runs should be training"
+    workers = _children(proc.pid)
+    assert len(workers) >= 2
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, output
+    assert "interrupted" in output
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.5)
+    assert not any(_alive(p) for p in workers), "a worker went on training after the compare stopped"
+    runs = list(out.glob("runs/*"))
+    assert len(runs) == 2
+    for run in runs:  # each run stopped with a checkpoint to resume from
+        assert any((run / "checkpoints").glob("*")), sorted(p.name for p in run.iterdir())
