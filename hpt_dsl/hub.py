@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hpt_dsl.models import ModelError
+from hpt_dsl.models import ModelError, save_pretrained
 from hpt_dsl.settings import ModelSettings
 
 if TYPE_CHECKING:
@@ -97,8 +97,7 @@ def _convert_gguf(alias: str, gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
         )
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_pretrained(model, tokenizer, tmp)
         (tmp / _MARKER).write_text(json.dumps(source))
         tmp.chmod(0o755)  # mkdtemp makes it private; a cache is readable like any checkpoint
         if target.exists():

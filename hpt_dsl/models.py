@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import string
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +103,30 @@ def build_tiny(path: Path, seed: int) -> Path:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_pretrained(model, tokenizer, path)
     (path / "hpt_dsl_tiny.json").write_text(json.dumps({"seed": seed}))
     return path
+
+
+def save_pretrained(model: Any, tokenizer: Any, path: Path, **kwargs: Any) -> None:
+    """``model.save_pretrained(path, **kwargs)`` and ``tokenizer.save_pretrained(path)``: the
+    same files, without importing DeepSpeed in a process that has not imported it.
+
+    transformers unwraps the model first through accelerate, which imports DeepSpeed whenever
+    the package is installed, to test ``isinstance(model, DeepSpeedEngine)``; DeepSpeed in turn
+    imports MLflow, W&B and TensorBoard, seconds of a short run's start-up. No model is a
+    ``DeepSpeedEngine`` before DeepSpeed is imported, so while it is not in ``sys.modules`` that
+    test is skipped (accelerate is told DeepSpeed is unavailable for the call)."""
+    from unittest import mock
+
+    try:
+        from accelerate.utils import other
+    except ImportError:  # no accelerate: transformers unwraps without it
+        other = None
+    skip = other is not None and hasattr(other, "is_deepspeed_available") and "deepspeed" not in sys.modules
+    with mock.patch.object(other, "is_deepspeed_available", lambda: False) if skip else nullcontext():
+        model.save_pretrained(path, **kwargs)
+    tokenizer.save_pretrained(path)
 
 
 def load_model(settings: ModelSettings, seed: int, workdir: Path) -> tuple[Any, Any]:

@@ -77,3 +77,50 @@ def test_other_names_go_through_the_hub_loader(tiny: Path) -> None:
 def test_a_folder_without_config_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(models.ModelError, match="no config.json"):
         models.load_local(tmp_path)
+
+
+def test_saving_keeps_deepspeed_unimported_and_the_files_whole(tmp_path: Path) -> None:
+    """transformers' save_pretrained imports DeepSpeed (and with it MLflow, W&B, TensorBoard)
+    when it is installed; hpt-dsl's save skips that in a process that has not imported it,
+    and writes what transformers writes: the reloaded model equals the saved one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from hpt_dsl import models\n"
+        f"models.build_tiny(Path({str(tmp_path / 'a')!r}), seed=3)\n"
+        f"m, t = models.load_local(Path({str(tmp_path / 'a')!r}))\n"
+        f"models.save_pretrained(m, t, Path({str(tmp_path / 'b')!r}))\n"
+        "print(sorted(k for k in ('deepspeed', 'mlflow', 'wandb') if k in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    a, _ = models.load_local(tmp_path / "a")
+    b, _ = models.load_local(tmp_path / "b")
+    reference = dict(models.load_local(models.build_tiny(tmp_path / "c", seed=3))[0].state_dict())
+    for state in (a.state_dict(), b.state_dict()):
+        assert state.keys() == reference.keys()
+        for key, value in reference.items():
+            assert torch.equal(state[key], value), key
+    assert b.lm_head.weight.data_ptr() == b.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_saving_after_deepspeed_is_imported_keeps_the_unwrap_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once DeepSpeed is imported (a DeepSpeed run), transformers' own unwrap check is left as is."""
+    import sys
+    import types
+
+    from accelerate.utils import other
+
+    model, tok = models.load_local(models.build_tiny(tmp_path / "a", seed=0))
+    seen = []
+    monkeypatch.setattr(model, "save_pretrained", lambda path, **kw: seen.append(other.is_deepspeed_available))
+    original = other.is_deepspeed_available
+    monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
+    models.save_pretrained(model, tok, tmp_path / "b")
+    monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    models.save_pretrained(model, tok, tmp_path / "c")
+    assert seen[0] is not original and seen[0]() is False
+    assert seen[1] is original

@@ -41,6 +41,7 @@ from hpt_dsl.learner.base import TOTAL, Learner, UpdateResult, add_metrics, add_
 from hpt_dsl.learner.head import FusedHead, HeadMismatch, find_head, run
 from hpt_dsl.learner.prefix import distinct_prompts, shared_prompt_logits
 from hpt_dsl.logprob import token_logprobs
+from hpt_dsl.models import save_pretrained
 from hpt_dsl.recipe import Recipe
 from hpt_dsl.settings import CriticSettings, TrainSettings
 
@@ -311,8 +312,7 @@ class TorchLearner(Learner):
             _load_optimizer(self.critic_optimizer, path / "critic_optimizer")
 
     def save_pretrained(self, path: Path) -> None:
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        save_pretrained(self.model, self.tokenizer, path)
 
 
 def _scheduler_state(scheduler: Any) -> dict[str, Any]:
