@@ -58,6 +58,10 @@ CHECKS = [
                                 "the colocated vLLM engine (external_launcher in the learner's process group, "
                                 "weights gathered one parameter at a time), asleep between steps; the command "
                                 "an 8-GPU node runs with --nproc_per_node 8"),
+    Check("vllm_server", 240, "if vLLM is installed: vLLM's OpenAI server with hpt-dsl's worker extension on the "
+                              "same GPU (memory fraction 0.3), then GRPO under torchrun (nproc 1) on DeepSpeed "
+                              "ZeRO-3 with rollout.engine=vllm_server: weights pushed after every step, the "
+                              "server's log-probs against the learner's (tis/mismatch)"),
     Check("fused_adam", 90, "DeepSpeed's fused AdamW: JIT build within the cap, then one ZeRO-2 step with it "
                             "(every other check uses torch's AdamW through DeepSpeed)"),
 ]
@@ -411,6 +415,61 @@ def check_vllm_launcher() -> dict[str, Any]:
     out = {"model": what, "steps": len(rows), "engines": engines, "tis_mismatch": [r["tis/mismatch"] for r in rows],
            "s_per_step": rows[-1]["time/step"] if rows else None}
     expect(len(rows) == 2 and engines == 1 and not any(r["skipped"] for r in rows), f"{out}")
+    return out
+
+
+def check_vllm_server() -> dict[str, Any]:
+    import importlib.util
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vLLM is not installed"}
+    from hpt_dsl.models import build_tiny
+    from hpt_dsl.rollout.server import server_command
+
+    name, what = model_folder()
+    folder = str(build_tiny(Path(os.environ["WORK"]) / "tiny-server", 0)) if name == "tiny" else name
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(Path(os.environ["WORK"]) / "vllm_server.log", "w")  # noqa: SIM115 - the server's lifetime
+    command = server_command(folder, port, python=sys.executable) + ["--gpu-memory-utilization", "0.3",
+                                                                     "--max-model-len", "1024"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})  # fmt: skip
+    started = time.monotonic()
+    try:
+        while True:
+            expect(server.poll() is None, f"the server exited with {server.returncode} (see vllm_server.log)")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    break
+            except OSError:
+                expect(time.monotonic() - started < 150, "the server did not start in 150 s")
+                time.sleep(2)
+        start_s = time.monotonic() - started
+        run = run_dir("vllm_server")
+        sets = loop_sets(name, 2) + ds_sets(3) + ["rollout.engine=vllm_server", f"rollout.server=127.0.0.1:{port}",
+                                                  "rollout.tis_cap=2.0"]  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "hpt_dsl.cli.main", "run",
+             str(REPO / "recipes" / "grpo.hpt"), *(f"--set={x}" for x in sets), "-o", str(run), "--quiet",
+             "--no-plots"], capture_output=True, text=True, cwd=os.environ["WORK"],
+        )  # fmt: skip
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+    sys.stderr.write(proc.stderr[-20000:])
+    expect(proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    out = {"model": what, "server_start_s": round(start_s, 1), "steps": len(rows),
+           "tis_mismatch": [r["tis/mismatch"] for r in rows], "s_per_step": rows[-1]["time/step"] if rows else None}
+    expect(len(rows) == 2 and not any(r["skipped"] for r in rows), f"{out}")
     return out
 
 

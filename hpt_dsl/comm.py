@@ -105,6 +105,16 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every process (a picklable object; rank 0's own when there is one
+    process). Every process must call it at the same point."""
+    if not active():
+        return value
+    box = [value]
+    td.broadcast_object_list(box, src=0, device=_comm_device())
+    return box[0]
+
+
 # ----- reductions ----------------------------------------------------------------------------
 
 

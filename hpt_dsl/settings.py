@@ -54,7 +54,11 @@ class DataSettings(_Section):
 class RolloutSettings(_Section):
     """[rollout] how the policy samples its own answers."""
 
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: Literal["hf", "vllm", "vllm_server"] = Field(
+        "hf",
+        description="hf: transformers' model in the learner's process; vllm: an in-process vLLM engine on every "
+        "process; vllm_server: a remote vLLM server at rollout.server (docs/vllm.md)",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None,
         description="the rollout engine's precision; None = model.dtype. vllm: its weights; hf (which samples "
@@ -97,6 +101,14 @@ class RolloutSettings(_Section):
     tensor_parallel_size: int = Field(
         1, ge=1, description="vLLM: processes (consecutive ranks) per engine; divides the number of processes"
     )
+    server: str | None = Field(
+        None, description='vllm_server: the server\'s "host:port" (or URL); it must run hpt-dsl\'s worker extension'
+    )
+    server_dir: str | None = Field(
+        None, description="vllm_server: a folder the server can read (a shared file system); weight syncs go "
+        "through files there instead of the HTTP requests",
+    )
+    server_timeout: float = Field(600.0, gt=0, description="vllm_server: seconds a request may take")
 
 
 class LearnerSettings(_Section):

@@ -173,12 +173,9 @@ def _vllm_kwargs(key: str, value: Any) -> None:
     mp = pytest.MonkeyPatch()
     mp.setattr(vllm, "VLLMRolloutEngine", Engine)
     try:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
         from hpt_dsl.models import build_tiny_tokenizer
 
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                             num_attention_heads=1, num_key_value_heads=1))
+        model = _one_layer_model()
         for s in (Settings(), Settings(rollout={"engine": "vllm", key: value})):
             vllm.make_engine(s, model, build_tiny_tokenizer())
     finally:
@@ -196,6 +193,42 @@ def _engine_is_vllm(_: Path) -> None:
         assert base.make_rollout_engine(Settings(rollout={"engine": "vllm"}), None, None) == "vllm engine"
     finally:
         mp.undo()
+
+
+def _server_kwargs(key: str, value: Any, arg: str) -> None:
+    """make_engine hands the setting to the rollout server's client (tests/test_vllm_server.py
+    runs the client against a real server)."""
+    from hpt_dsl.rollout import server
+    from hpt_dsl.settings import Settings
+
+    seen: list[dict[str, Any]] = []
+
+    class Engine:
+        def __init__(self, address: str, **kwargs: Any) -> None:
+            seen.append({"server": address, **kwargs})
+
+        def load_weights(self, weights: Any) -> None:
+            pass
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(server, "ServerRolloutEngine", Engine)
+    try:
+        from hpt_dsl.models import build_tiny_tokenizer
+
+        model = _one_layer_model()
+        for extra in ({}, {key: value}):
+            rollout = {"engine": "vllm_server", "server": "127.0.0.1:1", **extra}
+            server.make_engine(Settings(rollout=rollout), model, build_tiny_tokenizer())
+    finally:
+        mp.undo()
+    assert seen[0][arg] != seen[1][arg] and seen[1][arg] == value
+
+
+def _one_layer_model() -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                        num_attention_heads=1, num_key_value_heads=1))
 
 
 def _ds_config(updates: dict[str, Any], base: dict[str, Any] | None = None) -> Callable[[Path], None]:
@@ -438,6 +471,9 @@ EFFECT: dict[str, Case | Probe] = {
     "rollout.sleep_between_steps": Probe(lambda _: _vllm_kwargs("sleep_between_steps", False)),
     "rollout.max_model_len": Probe(lambda _: _vllm_kwargs("max_model_len", 256)),
     "rollout.tensor_parallel_size": Probe(lambda _: _vllm_kwargs("tensor_parallel_size", 2)),
+    "rollout.server": Probe(lambda _: _server_kwargs("server", "10.0.0.5:8000", "server")),
+    "rollout.server_dir": Probe(lambda _: _server_kwargs("server_dir", "/shared/sync", "shared_dir")),
+    "rollout.server_timeout": Probe(lambda _: _server_kwargs("server_timeout", 30.0, "timeout")),
     "learner.engine": Probe(_deepspeed_learner),
     "learner.precision": Case("learner.precision=bf16"),
     "learner.zero_stage": Probe(_ds_config({"zero_stage": 2})),
@@ -513,6 +549,9 @@ IGNORED: list[tuple[str, Case]] = [
     ("rollout.sleep_between_steps", Case("rollout.sleep_between_steps=false")),
     ("rollout.max_model_len", Case("rollout.max_model_len=256")),
     ("rollout.tensor_parallel_size", Case("rollout.tensor_parallel_size=2")),
+    ("rollout.server", Case('rollout.server="127.0.0.1:1"')),
+    ("rollout.server_dir", Case('rollout.server_dir="sync"')),
+    ("rollout.server_timeout", Case("rollout.server_timeout=30")),
     ("learner.zero_stage", Case("learner.zero_stage=2")),
     ("learner.offload", Case("learner.offload=true")),
     ("learner.deepspeed_config", Case('learner.deepspeed_config="ds.json"')),

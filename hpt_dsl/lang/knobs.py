@@ -129,8 +129,14 @@ RULES: tuple[Rule, ...] = (
         ("rollout.gpu_memory_utilization", "rollout.sleep_between_steps", "rollout.max_model_len",
          "rollout.tensor_parallel_size"),
         lambda s, n: s.rollout.engine != "vllm",
-        "it configures the vLLM engine, and this run samples with rollout.engine = hf",
-        "set rollout.engine = vllm, or remove it",
+        "it configures the in-process vLLM engine, and this run samples with another rollout.engine",
+        "set rollout.engine = vllm, or remove it (a vLLM server takes these as its own flags)",
+    ),
+    Rule(
+        ("rollout.server", "rollout.server_dir", "rollout.server_timeout"),
+        lambda s, n: s.rollout.engine != "vllm_server",
+        "it configures the remote vLLM server, and this run samples with another rollout.engine",
+        "set rollout.engine = vllm_server, or remove it",
     ),
     Rule(
         ("learner.zero_stage", "learner.offload", "learner.deepspeed_config"),

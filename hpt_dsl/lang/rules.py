@@ -17,6 +17,7 @@ Gate rules:
 Recipe rules (``check_recipe``):
     W032  pi_old from engine log-probs under top_p / top_k sampling
     E045  dynamic sampling with rollout.n = 1; rollout.overlong_cache > rollout.max_new_tokens
+    E046  rollout.engine = vllm_server without a valid rollout.server ("host:port")
     W032  dynamic sampling, overlong shaping or truncation masking in a recipe without rollouts
 """
 
@@ -221,6 +222,7 @@ def check_gates_need_rollouts(ck: Checker, loss: LossExpr) -> None:
 
 def check_recipe(ck: Checker, needs: Needs, settings_pos: dict[tuple[str, str], object]) -> None:
     check_sampling(ck, needs, settings_pos)
+    check_engine(ck, settings_pos)
     st = ck.settings
     if st is None or not needs.old_logprobs or st.rollout.old_logprobs != "engine":
         return
@@ -266,6 +268,30 @@ def check_sampling(ck: Checker, needs: Needs, settings_pos: dict[tuple[str, str]
             f"{r.max_new_tokens}: the length penalty would cover more than the whole response",
             settings_pos.get(("rollout", "overlong_cache")) or settings_pos.get(("rollout", "max_new_tokens")),
             hint="set rollout.overlong_cache to at most rollout.max_new_tokens (DAPO: 4096 of 20480)",
+        )
+
+
+def check_engine(ck: Checker, settings_pos: dict[tuple[str, str], object]) -> None:
+    """A remote rollout server needs its address (``hpt_dsl.rollout.server``)."""
+    if ck.settings is None or ck.settings.rollout.engine != "vllm_server":
+        return
+    address = ck.settings.rollout.server
+    if not address:
+        ck.sink.error(
+            "E046",
+            "rollout.engine = vllm_server needs the server's address, and rollout.server is not set",
+            settings_pos.get(("rollout", "engine")),
+            hint='set rollout.server = "host:port" (the vLLM server started as docs/vllm.md shows)',
+        )
+        return
+    from hpt_dsl.rollout.protocol import valid_address
+
+    if not valid_address(address):
+        ck.sink.error(
+            "E046",
+            f"rollout.server = {address!r} is not a server address",
+            settings_pos.get(("rollout", "server")),
+            hint='write it as "host:port", e.g. "10.0.0.5:8000", or as a URL "http://host:port"',
         )
 
 

@@ -1,7 +1,7 @@
 """The rollout engine interface: prompts in, sampled responses with their log-probs out.
 
-Every engine (``hf``, a KV-cached sampling loop on the transformers model, and ``vllm``)
-implements ``RolloutEngine``.
+Every engine (``hf``, a KV-cached sampling loop on the transformers model; ``vllm``, an
+in-process vLLM engine; ``vllm_server``, a remote vLLM server) implements ``RolloutEngine``.
 The training loop only ever talks to this interface, through ``make_rollout_engine``.
 
 Conventions every engine keeps:
@@ -117,4 +117,8 @@ def make_rollout_engine(settings: Settings, model: Any, tokenizer: Any) -> Rollo
         from hpt_dsl.rollout import vllm  # type: ignore[attr-defined]
 
         return vllm.make_engine(settings, model, tokenizer)
-    raise ValueError(f"unknown rollout engine {name!r}; use 'hf' or 'vllm'")
+    if name == "vllm_server":
+        from hpt_dsl.rollout import server
+
+        return server.make_engine(settings, model, tokenizer)
+    raise ValueError(f"unknown rollout engine {name!r}; use 'hf', 'vllm' or 'vllm_server'")
