@@ -284,13 +284,15 @@ def run_jobs(
         return failures
     import multiprocessing
 
-    pool = ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"))
-    old_term = _forward_sigterm(pool)
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()  # set when the comparison stops: a worker then starts no queued job
+    pool = ProcessPoolExecutor(parallel, mp_context=context, initializer=_init_worker, initargs=(stop,))
+    old_term = _forward_sigterm(pool, stop)
     try:
         futures = {}
         for job in todo:
             say("queue", job)
-            futures[pool.submit(_execute, job, runner, threads)] = job
+            futures[pool.submit(_execute_queued, job, runner, threads)] = job
         for fut in as_completed(futures):
             job = futures[fut]
             try:
@@ -301,6 +303,7 @@ def run_jobs(
                 continue
             say("done", job)
     except BaseException:
+        stop.set()  # jobs already handed to a worker's queue must not start either
         pool.shutdown(wait=True, cancel_futures=True)  # running jobs checkpoint and stop on Ctrl-C
         raise
     finally:
@@ -310,13 +313,36 @@ def run_jobs(
     return failures
 
 
-def _forward_sigterm(pool: ProcessPoolExecutor) -> Any:
+_STOP: Any = None
+"""In a worker process: the comparison's stop event (``_init_worker``)."""
+
+
+def _init_worker(stop: Any) -> None:
+    global _STOP
+    _STOP = stop
+
+
+class NotStarted(RuntimeError):
+    """A queued job that a worker did not start because the comparison was stopping."""
+
+
+def _execute_queued(job: Job, runner: Runner, threads: int) -> Job:
+    """``_execute`` in a worker, unless the comparison is stopping: the executor hands a worker
+    its next job ahead of time, and a worker whose run just stopped on the signal would start it."""
+    if _STOP is not None and _STOP.is_set():
+        raise NotStarted(f"{job.label} seed {job.seed}: not started, the comparison stopped")
+    return _execute(job, runner, threads)
+
+
+def _forward_sigterm(pool: ProcessPoolExecutor, stop: Any) -> Any:
     """A SIGTERM to the comparing process (``kill``, a job scheduler, ``timeout``) reaches only
-    that process, not its workers: pass it on to each running worker (whose run checkpoints and
-    stops, as on Ctrl-C), then stop as on Ctrl-C, so that no worker trains on as an orphan.
-    Returns the previous handler (None off the main thread, where none is installed)."""
+    that process, not its workers: mark the comparison as stopping (no queued job starts), pass
+    the signal on to each running worker (whose run checkpoints and stops, as on Ctrl-C), then
+    stop as on Ctrl-C, so that no worker trains on as an orphan. Returns the previous handler
+    (None off the main thread, where none is installed)."""
 
     def handle(signum: int, frame: Any) -> None:
+        stop.set()
         for proc in list((getattr(pool, "_processes", None) or {}).values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)

@@ -237,7 +237,8 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from /proc")
 def test_sigterm_to_compare_stops_its_workers_and_checkpoints_their_runs(tmp_path: Path) -> None:
     """``kill`` (SIGTERM) reaches only the comparing process; its worker processes must not go
-    on training as orphans: each run checkpoints and stops, for the same command to resume."""
+    on training as orphans: each run checkpoints and stops, for the same command to resume, and
+    no queued run starts (four runs on two workers: only the first two ever exist)."""
     import os
     import signal
     import subprocess
@@ -245,7 +246,7 @@ def test_sigterm_to_compare_stops_its_workers_and_checkpoints_their_runs(tmp_pat
     import time
 
     out = tmp_path / "cmp"
-    argv = [sys.executable, "-m", "hpt_dsl.cli.main", "compare", str(RECIPES / "sft.hpt"), "--seeds", "2",
+    argv = [sys.executable, "-m", "hpt_dsl.cli.main", "compare", str(RECIPES / "sft.hpt"), "--seeds", "4",
             "--jobs", "2", "--threads", "1", "--out", str(out), "--set", "train.steps=100000",
             "--set", "train.eval_every=0", "--set", "train.save_every=0", "--set", "data.max_test=4"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -265,6 +266,6 @@ def test_sigterm_to_compare_stops_its_workers_and_checkpoints_their_runs(tmp_pat
         time.sleep(0.5)
     assert not any(_alive(p) for p in workers), "a worker went on training after the compare stopped"
     runs = list(out.glob("runs/*"))
-    assert len(runs) == 2
+    assert len(runs) == 2, "a queued run started after the compare stopped"
     for run in runs:  # each run stopped with a checkpoint to resume from
         assert any((run / "checkpoints").glob("*")), sorted(p.name for p in run.iterdir())
