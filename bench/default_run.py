@@ -1,8 +1,9 @@
 """The default run over seeds: ``hpt-dsl run recipes/hpt.hpt --set train.seed=S`` for S in 0..4.
 
-Prints one row per seed (wall time, held-out accuracy at the end and its best, the gate's SFT
-share in the first and the last 25 steps) and the spread over seeds, and writes JSON. Runs are
-deterministic on one CPU but not across CPUs: the figures of another machine differ.
+Prints one row per seed (wall time of the whole command, figures included; held-out accuracy
+at the end and its best; the gate's SFT share in the first and the last 25 steps) and the
+spread over seeds, and writes JSON. Runs are deterministic on one CPU but not across CPUs:
+the figures of another machine differ.
 
     python bench/default_run.py [--seeds 0 1 2 3 4] [--recipe recipes/hpt.hpt] [--set KEY=VALUE ...]
 """
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def one(recipe: str, seed: int, sets: list[str], out: Path) -> dict[str, float]:
-    args = [sys.executable, "-m", "hpt_dsl.cli.main", "run", recipe, "--output", str(out), "--quiet", "--no-plots",
+    args = [sys.executable, "-m", "hpt_dsl.cli.main", "run", recipe, "--output", str(out),  # as a user runs it
             "--set", f"train.seed={seed}", *[x for s in sets for x in ("--set", s)]]  # fmt: skip
     t = time.perf_counter()
     subprocess.run(args, check=True, cwd=ROOT, capture_output=True)

@@ -13,7 +13,10 @@ One step:
     log-probs  = pi_old (only when epochs > 1, mini_batches > 1 or engine log-probs are
                  not used), pi_ref (only with a KL term), critic values (only adv=gae),
                  each only over the rows the loss gives weight
-    update     = learner.update(mini-batch, program, prep) for each epoch and mini-batch
+    update     = learner.update(mini-batch, program, prep) for each epoch and mini-batch;
+                 the first mini-batch updates from pi_old itself (old_is_current: its
+                 ratio is exactly 1, and with one epoch the pi_old pass skips its rows), so
+                 its rows whose advantage is 0 everywhere are not forwarded (``_silence``)
     sync       = engine.load_weights(learner.named_parameters())
     then metrics, a periodic evaluation on the held-out split, a periodic checkpoint.
 
@@ -298,8 +301,19 @@ class Trainer:
             **passes,
         )
 
-    def _passes(self, batch: TrainBatch, step: int, old_is_current: bool) -> dict[str, Any]:
-        """The no-grad passes the recipe needs, over the rows its loss uses only."""
+    def _first_update_on_policy(self) -> bool:
+        """Whether the step's first optimizer update may take the live policy as pi_old: pi_old
+        is the learner's own (not the engine's log-probs), or nothing reads it (no estimator uses
+        it and no truncated importance weight weighs with it)."""
+        r = self.s.rollout
+        return r.old_logprobs == "learner" or (not self.needs.old_logprobs and r.tis_cap is None)
+
+    def _passes(
+        self, batch: TrainBatch, step: int, old_is_current: bool, skip: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """The no-grad passes the recipe needs, over the rows its loss uses only; the pi_old pass
+        also leaves out the rows ``skip`` (those of the step's first optimizer step, at which the
+        live policy is pi_old: their ratio is exactly 1 and their pi_old is never read)."""
         s, needs = self.s, self.needs
         want_old = needs.old_logprobs and not old_is_current
         if not (want_old or needs.ref_model or needs.critic):
@@ -323,6 +337,12 @@ class Trainer:
         if want_old:
             if s.rollout.old_logprobs == "engine" and batch.rollout_logprobs is not None:
                 passes["old_logprobs"] = batch.rollout_logprobs
+            elif skip is not None:
+                keep = ~torch.isin(rows, skip.to(rows.device))
+                out = torch.zeros_like(batch.response_mask)
+                lp = self.learner.logprobs(batch.select(rows[keep].cpu()), "policy")
+                out[rows[keep], : lp.shape[1]] = lp.to(out.device)
+                passes["old_logprobs"] = out
             else:
                 passes["old_logprobs"] = scatter(self.learner.logprobs(sub, "policy"))
         if needs.ref_model:
@@ -361,15 +381,22 @@ class Trainer:
         t_batch = time.perf_counter()
         single = s.train.epochs == 1 and s.train.mini_batches == 1
         old_is_current = single and s.rollout.old_logprobs == "learner"
-        passes = self._passes(batch, step, old_is_current)
+        parts = [self._mini_batches(batch, step, epoch) for epoch in range(s.train.epochs)]
+        learner_old = self._first_update_on_policy()
+        # the first optimizer step updates from pi_old itself: its rows need no pi_old pass (one epoch)
+        live_first = parts[0][0] if learner_old and not single and s.train.epochs == 1 and parts[0] else None
+        passes = self._passes(batch, step, old_is_current, skip=live_first)
         moments = self._step_moments(batch, step, passes)
         t_passes = time.perf_counter()
         metrics: dict[str, float] = {}
         grad_norms, skipped, n_updates = [], False, 0
         for epoch in range(s.train.epochs):
-            for rows in self._mini_batches(batch, step, epoch):
+            for i, rows in enumerate(parts[epoch]):
                 sub = batch if rows.numel() == len(batch) else _rows(batch, rows)
                 sub_passes = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in passes.items()}
+                if learner_old and epoch == 0 and i == 0:  # pi_old is the live policy at this update
+                    sub_passes.pop("old_logprobs", None)
+                    sub_passes["old_is_current"] = True
                 prep = self._prepare(sub, step, step_moments=moments, **sub_passes)
                 res = self.learner.update(sub, self.program, prep)
                 n_updates += 1

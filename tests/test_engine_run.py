@@ -227,3 +227,65 @@ def test_run_draws_its_figures_and_prints_where(tmp_path: Path) -> None:
     assert "figures" in proc.stderr and "plots" in proc.stderr
     bare = cli("recipes/hpt.hpt", *sets, "-o", str(tmp_path / "n"), "--no-plots", "--quiet")
     assert bare.returncode == 0 and not (tmp_path / "n" / "plots").exists()
+
+
+PARITY = '''
+def parity(response, answer):
+    """0 or 1 by the response's characters: groups with and without reward variance."""
+    return float(sum(map(ord, response)) % 2)
+'''
+
+
+@pytest.mark.slow
+def test_the_first_update_takes_the_live_policy_as_pi_old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two optimizer steps per rollout batch: the first updates from pi_old itself, so its rows
+    skip the pi_old pass and its rows of zero advantage are not forwarded; the run ends with the
+    weights of one that computes pi_old for every row, up to float32 noise."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hpt_dsl.learner.torch import TorchLearner
+    from hpt_dsl.train import Trainer
+
+    rows = [{"question": f"What is {i + 2} + {3 * i + 1}?", "answer": str(4 * i + 3)} for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "fo_rewards.py").write_text(PARITY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sets = [*SMALL, "train.steps=3", "train.lr=0.003", "rollout.n=4", f"data.train={tmp_path / 'train.jsonl'}",
+            "data.reward=fo_rewards:parity", "train.mini_batches=2"]  # fmt: skip
+    seen: dict[str, list[Any]] = {"live": [], "old_rows": []}
+    prepare, logprobs = Trainer._prepare, TorchLearner.logprobs
+
+    def spy_prepare(self: Trainer, batch: Any, step: int, **passes: Any) -> Any:
+        if "step_moments" in passes:  # an optimizer mini-batch's prepare
+            seen["live"].append(bool(passes.get("old_is_current")))
+        return prepare(self, batch, step, **passes)
+
+    def spy_logprobs(self: TorchLearner, batch: Any, which: str = "policy") -> Any:
+        seen["old_rows"].append(len(batch))
+        return logprobs(self, batch, which)
+
+    monkeypatch.setattr(Trainer, "_prepare", spy_prepare)
+    monkeypatch.setattr(TorchLearner, "logprobs", spy_logprobs)
+    a = run_recipe(RECIPES / "grpo.hpt", overrides=sets, output=tmp_path / "a", quiet=True)
+    fast = dict(seen)
+    seen.update(live=[], old_rows=[])
+    monkeypatch.setattr(Trainer, "_first_update_on_policy", lambda self: False)
+    b = run_recipe(RECIPES / "grpo.hpt", overrides=sets, output=tmp_path / "b", quiet=True)
+    assert fast["live"] == [True, False] * 3 and seen["live"] == [False, False] * 3
+    assert sum(fast["old_rows"]) < sum(seen["old_rows"]), (fast["old_rows"], seen["old_rows"])
+    wa = load_file(a.run_dir / "final-model" / "model.safetensors")
+    wb = load_file(b.run_dir / "final-model" / "model.safetensors")
+    base = load_file(a.run_dir / "base-model" / "model.safetensors")
+    assert max(float((wa[k] - base[k]).abs().max()) for k in wa) > 1e-3, "the updates must move the weights"
+    la = [r for r in lines(a.run_dir) if r["kind"] == "train"]
+    lb = [r for r in lines(b.run_dir) if r["kind"] == "train"]
+    assert any(0 < r["reward/mean"] < 1 for r in la), "rewards must differ within steps"
+    for x, y in zip(la, lb, strict=True):  # the same rollouts, losses and gradients up to float32 noise
+        assert x["reward/mean"] == y["reward/mean"] and x["clip_frac"] == pytest.approx(y["clip_frac"], abs=1e-7)
+        for key in ("loss", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5), key
+    # Adam divides by the gradient's running scale, so a gradient entry near 0 turns float32 noise
+    # into a step of up to lr: all but a few weights agree to 1e-6, and none by more than 3 steps
+    diff = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    assert int((diff > 1e-6).sum()) <= 1e-4 * diff.numel() and float(diff.max()) < 3 * 0.003
