@@ -504,5 +504,25 @@ def compare(
     md, csv_path = out / "compare.md", out / "compare.csv"
     md.write_text(to_markdown(rows), encoding="utf-8")
     write_csv(rows, csv_path)
-    figures = plot_runs(out_dir=out / "plots", runs=[r for row in rows for r in row.runs])
+    note = provenance(recipes, seeds, overrides, pass_k)
+    figures = plot_runs(out_dir=out / "plots", runs=[r for row in rows for r in row.runs], note=note)
     return Result(rows, md, csv_path, figures, failures)
+
+
+def provenance(recipes: Sequence[str], seeds: int, overrides: Sequence[str], pass_k: int) -> str:
+    """Where, when and how the figures were measured: the machine, the date, the seeds and the
+    command that reproduces them (``--jobs``, ``--threads`` and ``--out`` change no number)."""
+    import datetime
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        machine = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    else:
+        machine = f"{os.cpu_count()}-core {platform.machine()} CPU"
+    command = ["hpt-dsl compare", *recipes, f"--seeds {seeds}", *(f"--set {o}" for o in overrides)]
+    if pass_k:
+        command.append(f"--pass-k {pass_k}")
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    return f"{machine}, {today}, seeds 0-{seeds - 1}: {' '.join(command)}"

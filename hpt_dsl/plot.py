@@ -105,10 +105,19 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _save(fig: Any, out_dir: Path, name: str, formats: Iterable[str]) -> list[Path]:
+def _save(fig: Any, out_dir: Path, name: str, formats: Iterable[str], note: str | None = None) -> list[Path]:
+    """Write the figure; ``note`` (where, when and how it was measured) goes in small print below."""
+    import textwrap
+
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if note:
+        lines = textwrap.wrap(note, 150)
+        fig.set_size_inches(fig.get_figwidth(), fig.get_figheight() + 0.12 * len(lines))
+        fig.text(0.01, 0.008, "\n".join(lines), fontsize=5.5, color="0.35", va="bottom", ha="left")
+        fig.tight_layout(rect=(0, 0.03 * len(lines) + 0.01, 1, 1))
+    else:
+        fig.tight_layout()
     paths = []
     for fmt in formats:
         path = out_dir / f"{name}.{fmt}"
@@ -128,14 +137,17 @@ def line_figure(
     formats: Iterable[str] = FORMATS,
     ylim: tuple[float, float] | None = None,
     logx2: bool = False,
+    note: str | None = None,
 ) -> list[Path]:
-    """One figure of lines (with bands), legend outside the data when there are many."""
+    """One figure of lines (with bands), legend outside the data when there are many. Past
+    the ten colours of the palette the lines repeat them dashed, then dotted."""
     if not curves:
         return []
     fig, ax = _figure(title, xlabel, ylabel)
-    for c in curves:
+    for i, c in enumerate(curves):
         marker = "o" if len(c.x) <= 12 else None
-        opts: dict[str, Any] = {"linewidth": 1.6, "marker": marker, "markersize": 3.5}
+        opts: dict[str, Any] = {"linewidth": 1.6, "marker": marker, "markersize": 3.5, "color": f"C{i % 10}",
+                                "linestyle": ("-", "--", ":")[(i // 10) % 3]}  # fmt: skip
         (line,) = ax.plot(c.x, c.y, label=c.label, **{**opts, **c.style})
         if c.band is not None:
             lo = [y - b for y, b in zip(c.y, c.band, strict=True)]
@@ -148,12 +160,12 @@ def line_figure(
         ticks = sorted({x for c in curves for x in c.x})
         ax.set_xticks(ticks, [str(int(t)) for t in ticks])
     ax.legend(fontsize=8, ncol=2 if len(curves) > 5 else 1, loc="best", framealpha=0.85)
-    return _save(fig, out_dir, name, formats)
+    return _save(fig, out_dir, name, formats, note)
 
 
 def stacked_figure(
     x: Sequence[float], shares: dict[str, list[float]], title: str, out_dir: Path, name: str,
-    formats: Iterable[str] = FORMATS,
+    formats: Iterable[str] = FORMATS, note: str | None = None,
 ) -> list[Path]:
     """Stacked areas of shares that sum to 1 at each x (the gate split)."""
     if not x or not shares:
@@ -163,7 +175,7 @@ def stacked_figure(
     ax.set_ylim(0, 1)
     ax.set_xlim(min(x), max(x))
     ax.legend(fontsize=8, loc="upper right", framealpha=0.85)
-    return _save(fig, out_dir, name, formats)
+    return _save(fig, out_dir, name, formats, note)
 
 
 # ----- the figures of a set of runs ----------------------------------------------------------
@@ -187,8 +199,10 @@ def plot_runs(
     out_dir: Path | str = "plots",
     runs: Sequence[RunData] | None = None,
     formats: Iterable[str] = FORMATS,
+    note: str | None = None,
 ) -> list[Path]:
-    """Draw every figure the runs have data for into ``out_dir``; returns the file paths."""
+    """Draw every figure the runs have data for into ``out_dir``; returns the file paths.
+    ``note``: the small print of every figure (machine, date, command, seeds)."""
     if runs is None:
         runs = [runfiles.load_run(Path(p)) for p in run_dirs or ()]
     out = Path(out_dir)
@@ -205,22 +219,22 @@ def plot_runs(
 
     acc = curves(runfiles.eval_accuracy)
     paths += line_figure(acc, f"Held-out accuracy{band_note}", "training step", "accuracy (fraction correct)",
-                         out, "accuracy", formats, ylim=(-0.02, 1.02))
+                         out, "accuracy", formats, ylim=(-0.02, 1.02), note=note)
     smooth_note = f", moving average over {SMOOTH} steps"
     paths += line_figure(curves(lambda r: runfiles.step_series(r, "reward"), SMOOTH),
                          f"Training reward{smooth_note}", "training step", "mean reward per rollout",
-                         out, "reward", formats)
+                         out, "reward", formats, note=note)
     paths += line_figure(curves(lambda r: runfiles.step_series(r, "entropy"), SMOOTH),
                          f"Rollout entropy{smooth_note}", "training step", "entropy (nats per token)",
-                         out, "entropy", formats)
+                         out, "entropy", formats, note=note)
     paths += line_figure(curves(lambda r: runfiles.step_series(r, "response_length"), SMOOTH),
                          f"Response length{smooth_note}", "training step", "mean response length (tokens)",
-                         out, "response_length", formats)
+                         out, "response_length", formats, note=note)
     for label, g in groups.items():
         x, shares = runfiles.gate_shares(g)
         if len(shares) > 1:
             paths += stacked_figure(x, shares, f"Gate split: {label} (share of questions per branch)",
-                                    out, f"gate-{slug(label)}", formats)
+                                    out, f"gate-{slug(label)}", formats, note)
         loss_curves = []
         for term in runfiles.loss_terms(g[0]):
             c = seed_curve(term, g, lambda r, t=term: runfiles.step_series(r, t), SMOOTH)
@@ -231,7 +245,7 @@ def plot_runs(
                     c.style.update(color="black", linestyle="--", linewidth=1.2)
                 loss_curves.append(c)
         paths += line_figure(loss_curves, f"Loss terms: {label}{smooth_note}", "training step",
-                             "loss (per token, as aggregated)", out, f"loss-{slug(label)}", formats)
+                             "loss (per token, as aggregated)", out, f"loss-{slug(label)}", formats, note=note)
     pk = []
     for label, g in groups.items():
         finals = [runfiles.final_pass_at_k(r) for r in g]
@@ -243,7 +257,7 @@ def plot_runs(
             pk.append(Curve(label, [float(k) for k in ks], [m for m, _ in stats], band))
     pk = [c for c in pk if len(c.x) > 1]  # pass@1 alone is the accuracy figure
     paths += line_figure(pk, f"pass@k of the final evaluation{band_note}", "k (samples per question)",
-                         "pass@k", out, "pass_at_k", formats, ylim=(-0.02, 1.02), logx2=True)
+                         "pass@k", out, "pass_at_k", formats, ylim=(-0.02, 1.02), logx2=True, note=note)
     return paths
 
 

@@ -132,3 +132,37 @@ def test_cli_plot_prints_paths_and_rejects_a_folder_without_metrics(tmp_path: Pa
     res = runner.invoke(app, ["plot", str(empty)])
     assert res.exit_code == 2
     assert "no metrics.jsonl" in res.output
+
+
+def test_many_lines_stay_apart_and_the_note_is_printed_below(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eleven recipes: the eleventh repeats the first colour dashed, never the same line; a note
+    (machine, date, command, seeds) adds small print under the figure."""
+    from hpt_dsl import plot
+
+    seen = []
+    save = plot._save
+
+    def spy(fig, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        paths = save(fig, *args, **kwargs)
+        seen.append(([(line.get_color(), line.get_linestyle()) for line in fig.axes[0].get_lines()],
+                     [t.get_text() for t in fig.texts], fig.get_figheight()))  # fmt: skip
+        return paths
+
+    monkeypatch.setattr(plot, "_save", spy)
+    curves = [plot.Curve(f"r{i}", [0.0, 1.0], [0.0, float(i)]) for i in range(11)]
+    plot.line_figure(curves, "t", "x", "y", tmp_path, "a", ("png",))
+    plot.line_figure(curves, "t", "x", "y", tmp_path, "b", ("png",), note="2-core x86_64 CPU, 2026-12-03, seeds 0-2")
+    styles, texts, height = seen[0]
+    assert len(set(styles)) == 11 and styles[10] == (styles[0][0], "--")
+    assert texts == [] and seen[1][1] == ["2-core x86_64 CPU, 2026-12-03, seeds 0-2"] and seen[1][2] > height
+
+
+def test_compare_figures_name_machine_date_seeds_and_command() -> None:
+    from hpt_dsl.compare import provenance
+
+    note = provenance(["recipes/sft.hpt", "recipes/hpt.hpt"], 3, ["train.steps=60"], 8)
+    assert "seeds 0-2" in note
+    assert note.endswith("hpt-dsl compare recipes/sft.hpt recipes/hpt.hpt --seeds 3 --set train.steps=60 --pass-k 8")
+    import re
+
+    assert re.search(r"\d{4}-\d\d-\d\d", note)
