@@ -214,7 +214,8 @@ def test_settings_errors_point_at_the_setting() -> None:
     assert found[("E040", 2, 1)].hint == "did you mean 'rollout'?"
     assert found[("E041", 3, 11)].hint == "did you mean 'n'?"
     assert (
-        found[("E042", 3, 28)].message == "invalid value for rollout.engine: Input should be 'hf' or 'vllm'"
+        found[("E042", 3, 28)].message
+        == "invalid value for rollout.engine: Input should be 'hf', 'vllm' or 'vllm_server'"
     )
     assert "greater than or equal to 1" in found[("E042", 3, 37)].message
     assert found[("E043", 5, 7)].message == "train.steps is set twice (first at line 4)"
