@@ -200,3 +200,56 @@ def test_sampler_keeps_tokens_in_the_vocabulary_when_logits_are_not_finite() -> 
     gen = torch.Generator().manual_seed(0)
     nxt, lp = _sample(x, SamplingParams(n=1, temperature=1.0), gen)
     assert nxt.tolist() == [10, 10, 10] and torch.isnan(lp).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_gqa(tiny: tuple[object, object]) -> tuple[object, object]:
+    """The tiny model with grouped-query attention: 4 query heads share 2 key/value heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tok = tiny
+    config = LlamaConfig(
+        **{**models.TINY_CONFIG, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32},
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config).eval()
+    model.config._attn_implementation = "sdpa"
+    return model, tok
+
+
+def test_grouped_query_decoding_gives_the_log_probs_of_a_fresh_forward_pass(tiny_gqa, prompts) -> None:
+    """The decode path (KV buffers written in place, grouped-query heads attended without
+    repeating them) samples under the model's own policy: with rows of different prompt
+    lengths finishing at different steps, every log-prob equals a fresh forward pass, and
+    the model's attention is SDPA again afterwards."""
+    model, tok = tiny_gqa
+    engine = HFRolloutEngine(model, tok)
+    engine.eos_ids = set(range(4, 8))
+    out = engine.generate(prompts, SamplingParams(n=4, temperature=1.5, max_new_tokens=24, seed=2))
+    assert len({len(r.token_ids) for r in out}) > 3
+    for r in out:
+        expected = _forward_logprobs(model, prompts[r.prompt_index], r.token_ids, 1.5)
+        assert torch.allclose(torch.tensor(r.logprobs, dtype=torch.float64), expected, atol=1e-4)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_slot_layers_write_in_place_and_keep_the_keys_and_values() -> None:
+    from hpt_dsl.rollout.kv import preallocate
+
+    cache = DynamicCache()
+    k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    cache.update(k, v, 0)
+    preallocate(cache, 8)
+    layer = cache.layers[0]
+    start = layer.keys.data_ptr()
+    k2, v2 = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+    keys, values = cache.update(k2, v2, 0)
+    assert keys.data_ptr() == start and cache.get_seq_length() == 6
+    assert torch.equal(keys, torch.cat([k, k2], 2)) and torch.equal(values, torch.cat([v, v2], 2))
+    _select_rows(cache, torch.tensor([2, 1]))  # row 0 finished: the last row moves into its slot
+    assert torch.equal(cache.layers[0].keys, torch.cat([k, k2], 2)[[2, 1]])
+    with pytest.raises(RuntimeError, match="full"):
+        for _ in range(3):
+            cache.update(k2[:2], v2[:2], 0)

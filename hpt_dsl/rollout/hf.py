@@ -47,6 +47,7 @@ from torch import Tensor
 from hpt_dsl.batch import pad_left, positions
 from hpt_dsl.models import plain_cache
 from hpt_dsl.rollout.base import Rollout, RolloutEngine, SamplingParams
+from hpt_dsl.rollout.kv import preallocate, sampling_attention, slot_layer
 from hpt_dsl.settings import Settings
 
 
@@ -105,15 +106,19 @@ def _compact_order(done: Tensor) -> Tensor:
 
 
 def _select_rows(cache: Any, order: Tensor) -> None:
-    """``cache.batch_select_indices(order)``; when every layer is a plain ``DynamicLayer``,
-    done in place by copying only the rows i with ``order[i] != i`` (all reads happen before
-    the writes) and then keeping the first ``len(order)`` rows, a view."""
-    if not plain_cache(cache):
+    """``cache.batch_select_indices(order)``; when every layer is a plain ``DynamicLayer`` or a
+    ``SlotLayer``, done in place by copying only the rows i with ``order[i] != i`` (all reads
+    happen before the writes) and then keeping the first ``len(order)`` rows, a view."""
+    slots = slot_layer()
+    if not (plain_cache(cache) or all(type(x) is slots for x in getattr(cache, "layers", ()))):
         cache.batch_select_indices(order)
         return
     moved = torch.nonzero(order != torch.arange(order.numel(), device=order.device)).squeeze(1)
     source = order[moved]
     for layer in cache.layers:
+        if isinstance(layer, slots):
+            layer.select_rows(moved, source, order.numel())
+            continue
         if layer.get_seq_length() > 0:
             for kv in (layer.keys, layer.values):
                 kv.index_copy_(0, moved, kv.index_select(0, source))
@@ -166,7 +171,11 @@ class HFRolloutEngine(RolloutEngine):
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any) -> tuple[Tensor, Any]:
         """(float logits of the last position, the KV cache) after feeding ``ids``."""
         extra = {"logits_to_keep": 1} if self._last_only else {}
-        with torch.autocast(ids.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+        low = self.autocast
+        with (
+            torch.autocast(ids.device.type, dtype=low or torch.float32, enabled=low is not None),
+            sampling_attention(self.model),
+        ):
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **extra
             )
@@ -199,6 +208,8 @@ class HFRolloutEngine(RolloutEngine):
             if n > 1 and cache is not None:  # one prefill per prompt, its cache shared by its n samples
                 cache.batch_repeat_interleave(n)
                 logits = logits.repeat_interleave(n, dim=0)
+            if steps > 1 and plain_cache(cache):  # the steps write into buffers of the final width
+                preallocate(cache, mask.shape[1] + steps)
             width = mask.shape[1]  # the step-t token is column width + t of the mask
             full_mask = mask.new_ones(B, width + steps)
             full_mask[:, :width] = mask.repeat_interleave(n, dim=0)
@@ -207,7 +218,7 @@ class HFRolloutEngine(RolloutEngine):
             for t in range(steps):
                 assert logits is not None
                 if rows.numel():  # (in lockstep a process may be done while others run)
-                    nxt, lp = _sample(logits / tau, params, gen)
+                    nxt, lp = _sample(logits / tau if tau != 1.0 else logits, params, gen)
                     tokens[rows, t] = nxt
                     logprobs[rows, t] = lp
                     done = torch.isin(nxt, eos)
