@@ -24,6 +24,9 @@ def plot_command(
         None, "--out", "-o", help="folder for the figures (default: RUN_DIR/plots for one run, else ./plots)"
     ),
     svg: bool = typer.Option(True, "--svg/--no-svg", help="write an SVG beside each PNG"),
+    note: str | None = typer.Option(
+        None, "--note", help="small print under every figure: where, when and how the runs were made"
+    ),
 ) -> None:
     """Draw accuracy, reward, gate split, loss terms, entropy, response length and pass@k."""
     console = Console(highlight=False, soft_wrap=True)
@@ -31,7 +34,7 @@ def plot_command(
         runs = [load_run(p) for p in run_dirs]
     target = out or (run_dirs[0] / "plots" if len(run_dirs) == 1 else Path("plots"))
     formats = FORMATS if svg else ("png",)
-    paths = plot_runs(out_dir=target, runs=runs, formats=formats)
+    paths = plot_runs(out_dir=target, runs=runs, formats=formats, note=note)
     if not paths:
         console.print("[yellow]no figures: the runs recorded no metrics yet[/yellow]")
         return

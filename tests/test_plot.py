@@ -134,6 +134,24 @@ def test_cli_plot_prints_paths_and_rejects_a_folder_without_metrics(tmp_path: Pa
     assert "no metrics.jsonl" in res.output
 
 
+def test_cli_plot_note_goes_under_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpt_dsl import plot
+
+    notes = []
+    save = plot._save
+
+    def spy(fig, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        paths = save(fig, *args, **kwargs)
+        notes.append([t.get_text() for t in fig.texts])
+        return paths
+
+    monkeypatch.setattr(plot, "_save", spy)
+    d = write_run(tmp_path, "hpt", 0)
+    res = CliRunner().invoke(app, ["plot", str(d), "--no-svg", "--note", "2-core CPU, 2026-12-03, seeds 0-2: hpt-dsl"])
+    assert res.exit_code == 0, res.output
+    assert len(notes) >= 4 and all("2-core CPU, 2026-12-03, seeds 0-2: hpt-dsl" in n for n in notes)
+
+
 def test_many_lines_stay_apart_and_the_note_is_printed_below(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Eleven recipes: the eleventh repeats the first colour dashed, never the same line; a note
     (machine, date, command, seeds) adds small print under the figure."""
