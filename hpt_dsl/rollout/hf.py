@@ -37,8 +37,9 @@ training forward cannot save for backward).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from torch import Tensor
 from hpt_dsl.batch import pad_left, positions
 from hpt_dsl.models import plain_cache
 from hpt_dsl.rollout.base import Rollout, RolloutEngine, SamplingParams
+from hpt_dsl.rollout.cpu_linear import onednn_linears
 from hpt_dsl.rollout.kv import preallocate, sampling_attention, slot_layer
 from hpt_dsl.settings import Settings
 
@@ -106,23 +108,17 @@ def _compact_order(done: Tensor) -> Tensor:
 
 
 def _select_rows(cache: Any, order: Tensor) -> None:
-    """``cache.batch_select_indices(order)``; when every layer is a plain ``DynamicLayer`` or a
-    ``SlotLayer``, done in place by copying only the rows i with ``order[i] != i`` (all reads
-    happen before the writes) and then keeping the first ``len(order)`` rows, a view."""
-    slots = slot_layer()
-    if not (plain_cache(cache) or all(type(x) is slots for x in getattr(cache, "layers", ()))):
+    """``cache.batch_select_indices(order)``; when every layer is a ``SlotLayer`` (a plain
+    cache after ``preallocate``), done in place by copying only the rows i with
+    ``order[i] != i`` (all reads happen before the writes) and then keeping the first
+    ``len(order)`` rows, a view."""
+    layers = getattr(cache, "layers", ())
+    if not layers or not all(type(x) is slot_layer() for x in layers):
         cache.batch_select_indices(order)
         return
     moved = torch.nonzero(order != torch.arange(order.numel(), device=order.device)).squeeze(1)
-    source = order[moved]
-    for layer in cache.layers:
-        if isinstance(layer, slots):
-            layer.select_rows(moved, source, order.numel())
-            continue
-        if layer.get_seq_length() > 0:
-            for kv in (layer.keys, layer.values):
-                kv.index_copy_(0, moved, kv.index_select(0, source))
-            layer.keys, layer.values = layer.keys[: order.numel()], layer.values[: order.numel()]
+    for layer in layers:
+        layer.select_rows(moved, order[moved], order.numel())
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -168,14 +164,23 @@ class HFRolloutEngine(RolloutEngine):
         one = torch.full((1, 1), self.pad_id, dtype=torch.long, device=device)
         self._forward(one, torch.ones_like(one), torch.zeros_like(one), None)
 
+    @contextlib.contextmanager
+    def _sampling(self) -> Iterator[None]:
+        """The model in eval mode with the sampling kernels (``kv.sampling_attention``,
+        ``cpu_linear.onednn_linears``) for one call of the sampling loop; all restored on exit."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with sampling_attention(self.model), onednn_linears(self.model, enabled=self.autocast is None):
+                yield
+        finally:
+            self.model.train(was_training)
+
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any) -> tuple[Tensor, Any]:
         """(float logits of the last position, the KV cache) after feeding ``ids``."""
         extra = {"logits_to_keep": 1} if self._last_only else {}
         low = self.autocast
-        with (
-            torch.autocast(ids.device.type, dtype=low or torch.float32, enabled=low is not None),
-            sampling_attention(self.model),
-        ):
+        with torch.autocast(ids.device.type, dtype=low or torch.float32, enabled=low is not None):
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **extra
             )
@@ -200,9 +205,7 @@ class HFRolloutEngine(RolloutEngine):
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
         eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=device)
         gen = torch.Generator(device).manual_seed(seed)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self._sampling():
             pos = positions(mask)
             logits, cache = self._forward(ids, mask, pos, None) if steps else (None, None)
             if n > 1 and cache is not None:  # one prefill per prompt, its cache shared by its n samples
@@ -239,8 +242,6 @@ class HFRolloutEngine(RolloutEngine):
                     continue
                 logits, cache = self._forward(nxt[:, None], full_mask[:, : width + t + 1], pos[:, None], cache)
                 pos = pos + 1
-        finally:
-            self.model.train(was_training)
         token_rows, logprob_rows = tokens.tolist(), logprobs.tolist()
         length, stopped = length.tolist(), stopped.tolist()
         return [
@@ -256,17 +257,13 @@ class HFRolloutEngine(RolloutEngine):
     def _idle(self, steps: int, device: torch.device) -> None:
         """A lockstep call without prompts: the prefill, then per step but the last one vote and,
         while any process has a running sequence, one forward pass (``_generate``'s count)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self._sampling():
             if steps:
                 self._idle_forward(device)
             for _ in range(steps - 1):
                 if not _any_process(False, device):
                     break
                 self._idle_forward(device)
-        finally:
-            self.model.train(was_training)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         params = dict(self.model.named_parameters())

@@ -20,6 +20,7 @@ SDPA; anything else samples through transformers' own path unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +30,9 @@ from torch import Tensor
 DECODE_SDPA = "hpt_dsl_decode_sdpa"  # the attention implementation registered for sampling
 
 
-def _slot_layer_class() -> type:
+@functools.cache
+def slot_layer() -> type:
+    """The ``SlotLayer`` class (built on first use: transformers is imported lazily)."""
     from transformers.cache_utils import DynamicLayer
 
     class SlotLayer(DynamicLayer):
@@ -74,17 +77,6 @@ def _slot_layer_class() -> type:
             self._views()
 
     return SlotLayer
-
-
-_SLOT_LAYER: type | None = None
-
-
-def slot_layer() -> type:
-    """The ``SlotLayer`` class (built on first use: transformers is imported lazily)."""
-    global _SLOT_LAYER
-    if _SLOT_LAYER is None:
-        _SLOT_LAYER = _slot_layer_class()
-    return _SLOT_LAYER
 
 
 def preallocate(cache: Any, capacity: int) -> None:
