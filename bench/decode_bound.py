@@ -1,26 +1,30 @@
-"""The hf engine's decode rate on a real checkpoint against what this machine allows.
+"""A rollout engine's decode rate on a real checkpoint against what this machine allows.
 
     python bench/decode_bound.py                         # SmolLM2-135M, 16 sequences, 2 threads
     python bench/decode_bound.py --max-new-tokens 128 --repeats 5
+    .venv-vllm/bin/python bench/decode_bound.py --engine vllm    # vLLM's CPU build, same prompts
 
 A decode step of ``S`` sequences runs every linear layer of the model once on ``S`` rows
 (the attention over the cache and the sampling come on top). Three bounds on the seconds
 of one step, each measured here, on this machine, in this process:
 
     gemm bound      the step's own matrix products: every nn.Linear of the model (the output
-                    head included) applied to S rows, in the model's order, with its real
-                    weights (which stream from memory as in the real forward pass), timed
-                    with the same torch and BLAS; FLOPs/token and the GFLOP/s it reaches
+                    head included) applied to S rows with its real weights (which stream
+                    from memory as in the real forward pass), each group of same-shaped
+                    weights through the faster of torch's two CPU kernels (the default BLAS
+                    and oneDNN); FLOPs/token and the GFLOP/s it reaches
     memory bound    the bytes of all weights / the read bandwidth (a sum over 512 MB)
     peak bound      FLOPs of the step / the GFLOP/s of a 1024^3 float32 GEMM
 
-The engine samples ``--questions`` GSM8K questions (chat template, the SmolLM2 recipe's system
-prompt) ``--n`` times each, at temperature 1, float32, with the end-of-sequence tokens
-switched off so that all ``S`` rows run every step; its decode seconds are the time of a
-``--max-new-tokens`` call minus that of a one-token call (the prefill). The rate with
-end-of-sequence tokens on (rows leave as they finish) is printed too. Bound and engine are
-measured in alternating rounds; medians are reported. Prints a table and writes
-bench/results/decode_bound.json.
+The engine (``--engine``: hpt-dsl's transformers engine, or vLLM's CPU build run by
+hpt-dsl's vLLM engine, weights synced from the same model) samples ``--questions`` GSM8K
+questions (chat template, the SmolLM2 recipe's system prompt) ``--n`` times each, at
+temperature 1, float32, with the end-of-sequence tokens switched off so that all ``S`` rows
+run every step; its decode seconds are the time of a ``--max-new-tokens`` call minus that
+of a one-token call (the prefill). The rate with end-of-sequence tokens on (rows leave as
+they finish) is printed too. Bound and engine are measured in alternating rounds; medians
+are reported. Prints a table and writes bench/results/decode_bound.json
+(decode_bound_vllm.json for vLLM).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ from _results import write_result  # noqa: E402
 from hpt_dsl.data import load_task  # noqa: E402
 from hpt_dsl.models import load_model  # noqa: E402
 from hpt_dsl.prompting import PromptCache  # noqa: E402
+from hpt_dsl.rollout import cpu_linear  # noqa: E402
 from hpt_dsl.rollout.base import SamplingParams  # noqa: E402
 from hpt_dsl.rollout.hf import HFRolloutEngine  # noqa: E402
 from hpt_dsl.settings import Settings  # noqa: E402
@@ -60,18 +66,28 @@ def _timed(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def gemm_step(model: Any, rows: int) -> tuple[float, float]:
-    """(seconds, FLOPs) of one decode step's matrix products: each nn.Linear on ``rows`` rows."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
-    flops = sum(2.0 * rows * w.numel() for w in weights)
-
-    def step() -> None:
-        for w in weights:
-            torch.nn.functional.linear(xs[w.shape[1]], w)
-
+def gemm_step(model: Any, rows: int) -> tuple[dict[str, float], float]:
+    """({kernel: seconds}, FLOPs) of one decode step's matrix products: every nn.Linear on
+    ``rows`` rows, weights grouped by shape (q, k, v, o, gate, up, down, head), each group
+    timed through torch's default kernel and through oneDNN's (``rollout.cpu_linear``);
+    "best" sums the faster kernel of each group."""
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            groups.setdefault(tuple(m.weight.shape), []).append(m.weight)
+    kernels = {"default": torch.nn.functional.linear}
+    if cpu_linear.available():
+        kernels["onednn"] = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    flops = sum(2.0 * rows * w.numel() for ws in groups.values() for w in ws)
+    times: dict[str, list[float]] = {k: [] for k in kernels}
     with torch.no_grad():
-        return _timed(step, 5), flops
+        for (_, fan_in), ws in groups.items():
+            x = torch.randn(rows, fan_in)
+            for name, fn in kernels.items():
+                times[name].append(_timed(lambda fn=fn, ws=ws, x=x: [fn(x, w) for w in ws], 5))
+    out = {k: sum(v) for k, v in times.items()}
+    out["best"] = sum(min(t) for t in zip(*times.values(), strict=True))
+    return out, flops
 
 
 def read_bandwidth() -> float:
@@ -85,6 +101,28 @@ def peak_gflops() -> float:
     return 2 * 1024**3 / _timed(lambda: a @ b, 10) / 1e9
 
 
+def make_engine(name: str, model: Any, tokenizer: Any, settings: Settings) -> tuple[Any, Callable[[bool], None]]:
+    """The rollout engine ``name`` on ``model`` and a switch for its end-of-sequence stops."""
+    if name == "hf":
+        engine = HFRolloutEngine(model, tokenizer, settings)
+        eos = set(engine.eos_ids)
+
+        def hf_stopping(stop: bool) -> None:
+            engine.eos_ids = eos if stop else set()
+
+        return engine, hf_stopping
+    from hpt_dsl.rollout import vllm
+
+    engine = vllm.make_engine(settings, model, tokenizer)
+    knobs, stop_ids = vllm._sampling_knobs, engine.stop_token_ids
+
+    def vllm_stopping(stop: bool) -> None:  # vLLM stops at the model's EOS unless told to ignore it
+        engine.stop_token_ids = stop_ids if stop else []
+        vllm._sampling_knobs = knobs if stop else (lambda p: {**knobs(p), "ignore_eos": True})
+
+    return engine, vllm_stopping
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -93,6 +131,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds of bound and engine")
+    ap.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="vllm: the CPU build, where installed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -104,13 +143,12 @@ def main() -> None:
     model.eval()
     cache = PromptCache(tokenizer, settings.model)
     prompts = [cache.prompt(q) for q in load_task(settings).train[: args.questions]]
-    engine = HFRolloutEngine(model, tokenizer, settings)
-    eos = engine.eos_ids
+    engine, stopping = make_engine(args.engine, model, tokenizer, settings)
     rows = args.questions * args.n
     steps = args.max_new_tokens - 1
 
     def call(tokens: int, seed: int, stop: bool) -> tuple[float, int]:
-        engine.eos_ids = eos if stop else set()
+        stopping(stop)
         t0 = time.perf_counter()
         out = engine.generate(prompts, SamplingParams(n=args.n, temperature=1.0, max_new_tokens=tokens, seed=seed))
         return time.perf_counter() - t0, sum(len(r.token_ids) for r in out)
@@ -118,13 +156,13 @@ def main() -> None:
     call(8, 0, False)  # warm-up
     rounds: list[dict[str, float]] = []
     for r in range(args.repeats):
-        gemm_s, flops = gemm_step(model, rows)
+        gemm, flops = gemm_step(model, rows)
         prefill_s, _ = call(1, r, False)
         full_s, _ = call(args.max_new_tokens, r, False)
         stop_s, stop_tokens = call(args.max_new_tokens, r, True)
         rounds.append(
             {
-                "gemm_s": gemm_s,
+                **{f"gemm_{k}_s": v for k, v in gemm.items()},
                 "step_s": (full_s - prefill_s) / steps,
                 "prefill_s": prefill_s,
                 "eos_tokens_per_s": stop_tokens / stop_s,
@@ -136,13 +174,15 @@ def main() -> None:
         return statistics.median(x[key] for x in rounds)
 
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    step_s, gemm_s = med("step_s"), med("gemm_s")
+    step_s, gemm_s = med("step_s"), med("gemm_best_s")
     bounds = {"gemm": gemm_s, "memory": weight_bytes / bandwidth, "peak": flops / (peak * 1e9)}
     decode_tps = rows / step_s
     report = {
-        "model": args.model, "threads": args.threads, "sequences": rows, "max_new_tokens": args.max_new_tokens,
+        "engine": args.engine, "model": args.model, "threads": args.threads, "sequences": rows,
+        "max_new_tokens": args.max_new_tokens,
         "flops_per_token": flops / rows, "weight_bytes": weight_bytes, "read_gb_per_s": bandwidth / 1e9,
         "peak_gflops": peak, "gemm_gflops_at_rows": flops / gemm_s / 1e9,
+        "gemm_step_s_by_kernel": {k[5:-2]: med(k) for k in rounds[0] if k.startswith("gemm_")},
         "bound_step_s": bounds, "bound_tokens_per_s": {k: rows / v for k, v in bounds.items()},
         "decode_step_s": step_s, "decode_tokens_per_s": decode_tps,
         "ratio": {k: decode_tps / (rows / v) for k, v in bounds.items()},
@@ -151,17 +191,19 @@ def main() -> None:
     print(f"{args.model}, {rows} sequences, float32, {args.threads} threads, {args.repeats} rounds (medians)")
     print(f"FLOPs per token {flops / rows / 1e9:.3f} G; weights {weight_bytes / 1e6:.0f} MB")
     print(f"{'bound':8} {'s/step':>8} {'tokens/s':>9}   how measured")
-    how = {"gemm": f"the step's GEMMs at {rows} rows: {report['gemm_gflops_at_rows']:.0f} GFLOP/s",
+    kernels = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in report["gemm_step_s_by_kernel"].items())
+    how = {"gemm": f"the step's GEMMs at {rows} rows: {report['gemm_gflops_at_rows']:.0f} GFLOP/s ({kernels})",
            "memory": f"weights / {bandwidth / 1e9:.0f} GB/s read",
            "peak": f"FLOPs / {peak:.0f} GFLOP/s (1024^3 GEMM)"}  # fmt: skip
     for k, v in bounds.items():
         print(f"{k:8} {v:8.4f} {rows / v:9.0f}   {how[k]}")
     print(
-        f"hf engine decode: {step_s:.4f} s/step, {decode_tps:.0f} tokens/s = "
+        f"{args.engine} engine decode: {step_s:.4f} s/step, {decode_tps:.0f} tokens/s = "
         + ", ".join(f"{100 * r:.0f}% of the {k} bound" for k, r in report["ratio"].items())
     )
     print(f"with end-of-sequence on: {report['eos_tokens_per_s']:.0f} tokens/s (prefill {report['prefill_s']:.2f} s)")
-    write_result(ROOT / "bench/results/decode_bound.json", "decode_bound", "python " + " ".join(sys.argv), **report)
+    name = "decode_bound" if args.engine == "hf" else f"decode_bound_{args.engine}"
+    write_result(ROOT / f"bench/results/{name}.json", name, "python " + " ".join(sys.argv), **report)
 
 
 if __name__ == "__main__":
