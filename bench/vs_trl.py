@@ -3,6 +3,7 @@
     pip install -c constraints.txt -e ".[bench]"      # TRL, pinned
     python bench/vs_trl.py                            # 2 rounds x 30 steps per side, rotating
     python bench/vs_trl.py --steps 12 --rounds 3 --threads 2
+    python bench/vs_trl.py --task gsm8k --steps 6 --sides hpt-dsl TRL   # SmolLM2-135M
 
 The same work on both sides:
 
@@ -36,7 +37,15 @@ ratio hpt-dsl / TRL (wall, and per CPU second), the learning check (held-out acc
 avg@4 on 200 test questions sampled identically for every model, of the start model and of
 each framework's trained models: both must improve on the start), the training reward of
 the first and last third of the steps (a framework learned when its reward rose), and
-hpt-dsl's time split (rollout, reward, log-prob passes, update).
+each framework's seconds per step split into rollout, reward, log-prob passes (TRL: the rest
+of building the batch) and update.
+
+``--task gsm8k`` runs the same comparison where the model's arithmetic dominates:
+SmolLM2-135M-Instruct (the ``smollm2-135m`` checkpoint that hpt-dsl ships) on GSM8K train
+questions with the system prompt of ``recipes/smollm2_hpt.hpt`` and the math-verify reward
+(hpt-dsl's scorer on both sides), 4 questions x 4 rollouts of up to 128 tokens, learning
+rate 1e-5, micro-batches of 8 rows, 2 threads, no learning check (a few steps of a 135M
+model on GSM8K move no held-out figure).
 """
 
 from __future__ import annotations
@@ -92,6 +101,57 @@ class Side:
 
 # ----- the shared setup ----------------------------------------------------------------------
 
+SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+TASKS: dict[str, dict[str, Any]] = {
+    # the built-in arithmetic task on the tiny model: per-step overhead dominates
+    "arith": {"steps": 30, "questions": 16, "n": 8, "max_new_tokens": 48, "lr": 2e-4, "micro_batch": 64,
+              "threads": 1, "eval_questions": 200, "overrides": []},
+    # SmolLM2-135M-Instruct on GSM8K (recipes/smollm2_hpt.hpt's data, model and sizes):
+    # forward and backward passes dominate
+    "gsm8k": {"steps": 4, "questions": 4, "n": 4, "max_new_tokens": 128, "lr": 1e-5, "micro_batch": 8,
+              "threads": 2, "eval_questions": 0,
+              "overrides": [f"model.system_prompt={SYSTEM}", "data.train=data/train/gsm8k_train.jsonl",
+                            "data.test=data/eval/gsm8k.jsonl", "data.reward=math_verify"]},
+}  # fmt: skip
+"""Per task: the defaults of the size options and the recipe overrides that select it."""
+
+
+def task_overrides(task: str) -> list[str]:
+    """``TASKS[task]["overrides"]`` with the data files as absolute paths."""
+    out = []
+    for item in TASKS[task]["overrides"]:
+        key, value = item.split("=", 1)
+        out.append(f"{key}={ROOT / value}" if value.startswith("data/") else item)
+    return out
+
+
+def task_settings(task: str, seed: int) -> Any:
+    """hpt-dsl's Settings of ``task`` (model prompt, data files, reward) with ``train.seed``."""
+    from hpt_dsl.settings import Settings
+
+    s = Settings()
+    for item in task_overrides(task):
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        setattr(getattr(s, section), name, value)
+    s.train.seed = seed
+    return s
+
+
+def task_model(args: argparse.Namespace) -> Path:
+    """The model folder both frameworks load: the SFT-warmed tiny model, or SmolLM2-135M."""
+    if args.task == "arith":
+        return start_model(args.work, args.warm_steps, args.threads)
+    from hpt_dsl.hub import resolve
+
+    return Path(resolve("smollm2-135m"))
+
+
+def messages(system: str | None, question: str) -> list[dict[str, str]]:
+    """The conversational prompt TRL gets: hpt-dsl's ``encode_prompt`` builds the same one."""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": question}]
+
 
 def start_model(work: Path, warm_steps: int, threads: int) -> Path:
     """The tiny model after ``warm_steps`` of hpt-dsl SFT; built once per work folder."""
@@ -123,7 +183,7 @@ def start_model(work: Path, warm_steps: int, threads: int) -> Path:
 
 
 def grpo_overrides(args: argparse.Namespace, model: Path, seed: int) -> list[str]:
-    return [
+    return task_overrides(args.task) + [
         f"model.name={model}",
         f"train.steps={args.steps}",
         f"train.questions={args.questions}",
@@ -131,6 +191,7 @@ def grpo_overrides(args: argparse.Namespace, model: Path, seed: int) -> list[str
         f"rollout.max_new_tokens={args.max_new_tokens}",
         f"train.lr={args.lr}",
         "train.schedule=constant",
+        "train.mini_batches=1",
         "train.warmup_steps=0",
         f"train.micro_batch={args.micro_batch}",
         "rollout.temperature=1.0",
@@ -143,18 +204,18 @@ def grpo_overrides(args: argparse.Namespace, model: Path, seed: int) -> list[str
     ]
 
 
-def check_same_prompts(model: Path, questions: list[Any]) -> None:
+def check_same_prompts(model: Path, task: Any) -> None:
     """hpt-dsl's prompt ids == the ids TRL builds from a conversational prompt."""
     from transformers import AutoTokenizer
 
+    from hpt_dsl.data import load_task
     from hpt_dsl.prompting import encode_prompt
-    from hpt_dsl.settings import ModelSettings
 
     tok = AutoTokenizer.from_pretrained(model)
-    for q in questions[:32]:
-        ours = encode_prompt(tok, q.prompt, ModelSettings())
+    for q in load_task(task).train[:32]:
+        ours = encode_prompt(tok, q.prompt, task.model)
         theirs = tok.apply_chat_template(
-            [[{"role": "user", "content": q.prompt}]],
+            [messages(task.model.system_prompt, q.prompt)],
             add_generation_prompt=True,
             tokenize=True,
             return_dict=True,
@@ -169,17 +230,19 @@ def held_out(model: Path, args: argparse.Namespace) -> float:
     ``--eval-k`` samples per question, fixed seed): the learning check of both frameworks."""
     import torch
 
-    from hpt_dsl.data import arith
+    from hpt_dsl.data import load_task
     from hpt_dsl.evaluate import evaluate
     from hpt_dsl.models import load_local
     from hpt_dsl.prompting import PromptCache
     from hpt_dsl.rollout.base import SamplingParams
     from hpt_dsl.rollout.hf import HFRolloutEngine
-    from hpt_dsl.settings import Settings
 
-    s = Settings()
+    if not args.eval_questions:
+        return float("nan")
+    s = task_settings(args.task, 0)
+    task = load_task(s)
     policy, tok = load_local(model, s.model)
-    questions = arith.make_questions(0)[1][: args.eval_questions]
+    questions = task.test[: args.eval_questions]
     prompts = PromptCache(tok, s.model)
     params = SamplingParams(
         temperature=s.eval.temperature, top_p=s.eval.top_p, max_new_tokens=args.max_new_tokens, seed=1234
@@ -189,7 +252,7 @@ def held_out(model: Path, args: argparse.Namespace) -> float:
             HFRolloutEngine(policy, tok, s),
             tok,
             questions,
-            arith.reward,
+            task.reward_fn,
             args.eval_k,
             params,
             encode=lambda q: prompts.prompt(q, "test"),
@@ -242,12 +305,13 @@ def run_trl(args: argparse.Namespace, model: Path, seed: int, work: Path, side: 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from hpt_dsl.data import arith
+    from hpt_dsl.data import load_task
+    from hpt_dsl.data.verify import score_batch
 
-    train, _ = arith.make_questions(seed)
-    data = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": q.prompt}], "answer": q.answer} for q in train]
-    )
+    settings = task_settings(args.task, seed)
+    task = load_task(settings)
+    system = settings.model.system_prompt
+    data = Dataset.from_list([{"prompt": messages(system, q.prompt), "answer": q.answer} for q in task.train])
     step_rewards: list[float] = []
     step_tokens: list[int] = []
 
@@ -259,7 +323,7 @@ def run_trl(args: argparse.Namespace, model: Path, seed: int, work: Path, side: 
         **_: Any,
     ) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        scores = [arith.reward(t, a) for t, a in zip(texts, answer, strict=True)]
+        scores = score_batch(task.reward_fn, texts, answer)  # hpt-dsl's scorer, the same function
         step_rewards.extend(scores)
         step_tokens.append(sum(len(c) for c in completion_ids))
         return scores
@@ -318,7 +382,30 @@ def run_trl(args: argparse.Namespace, model: Path, seed: int, work: Path, side: 
         processing_class=AutoTokenizer.from_pretrained(model),
         callbacks=[Timer()],
     )
+    spent = dict.fromkeys(("rollout", "reward", "score"), 0.0)
+
+    def timed(key: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t0
+
+        return wrapper
+
+    # where TRL's time goes: sampling, scoring, the rest of building the batch (tokenising,
+    # log-prob passes, advantages), and the update (the step's remainder)
+    trainer._generate_single_turn = timed("rollout", trainer._generate_single_turn)
+    trainer._calculate_rewards = timed("reward", trainer._calculate_rewards)
+    trainer._generate_and_score_completions = timed("score", trainer._generate_and_score_completions)
     trainer.train()
+    side.split = {
+        "rollout": spent["rollout"],
+        "reward": spent["reward"],
+        "logprob": spent["score"] - spent["rollout"] - spent["reward"],
+        "update": sum(side.step_s) - spent["score"],
+    }
     final = work / f"trl-seed{seed}" / "final-model"
     trainer.model.save_pretrained(final)
     trainer.processing_class.save_pretrained(final)
@@ -338,7 +425,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_":
 """The thresholds hpt-dsl sets for itself (``hpt_dsl.malloc``), for the "TRL + malloc" side."""
 
 SIDES = {"hpt-dsl": ("hpt", {}), "TRL": ("trl", {}), "TRL + malloc": ("trl", MALLOC_ENV)}
-WORKER_ARGS = ("steps", "questions", "n", "max_new_tokens", "lr", "micro_batch", "threads", "eval_questions",
+WORKER_ARGS = ("task", "steps", "questions", "n", "max_new_tokens", "lr", "micro_batch", "threads", "eval_questions",
                "eval_k", "work")  # fmt: skip
 """The settings a side's process is started with."""
 
@@ -385,18 +472,19 @@ def merge(side: Side, part: dict[str, Any]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=30, help="GRPO steps per round and framework")
+    p.add_argument("--task", choices=list(TASKS), default="arith", help="tiny model on arithmetic, or SmolLM2 on GSM8K")
+    p.add_argument("--steps", type=int, help="GRPO steps per round and framework (arith 30, gsm8k 4)")
     p.add_argument(
         "--rounds", type=int, default=2, help="rounds; each runs every side once, order rotating"
     )
-    p.add_argument("--questions", type=int, default=16, help="questions per step")
-    p.add_argument("--n", type=int, default=8, help="rollouts per question (group size)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--questions", type=int, help="questions per step (16, 4)")
+    p.add_argument("--n", type=int, help="rollouts per question, the group size (8, 4)")
+    p.add_argument("--max-new-tokens", type=int, help="(48, 128)")
+    p.add_argument("--lr", type=float, help="(2e-4, 1e-5)")
+    p.add_argument("--micro-batch", type=int, help="(64, 8)")
     p.add_argument("--warm-steps", type=int, default=120, help="SFT steps that build the start model")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for both (0 = torch's default)")
-    p.add_argument("--eval-questions", type=int, default=200, help="test questions of the learning check")
+    p.add_argument("--threads", type=int, help="torch threads for both, 0 = torch's default (1, 2)")
+    p.add_argument("--eval-questions", type=int, help="test questions of the learning check (200, 0 = none)")
     p.add_argument("--eval-k", type=int, default=4, help="samples per test question of the learning check")
     p.add_argument("--work", type=Path, default=RESULTS / "vs_trl-work")
     p.add_argument("--out", type=Path, default=RESULTS / "vs_trl.json")
@@ -406,6 +494,9 @@ def main() -> None:
     p.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--side-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    for key, value in TASKS[args.task].items():
+        if getattr(args, key, 0) is None:
+            setattr(args, key, value)
     if args.worker:
         worker(args)
         return
@@ -421,12 +512,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    model = start_model(args.work, args.warm_steps, args.threads)
-    from hpt_dsl.data import arith
-
-    check_same_prompts(model, arith.make_questions(0)[0])
+    model = task_model(args)
+    check_same_prompts(model, task_settings(args.task, 0))
     before = held_out(model, args)
-    print(f"start model: held-out avg@{args.eval_k} {before:.3f}", flush=True)
+    if args.eval_questions:
+        print(f"start model: held-out avg@{args.eval_k} {before:.3f}", flush=True)
     names = {"hpt-dsl": "hpt-dsl", "TRL": f"TRL {trl.__version__}", "TRL + malloc": f"TRL {trl.__version__} + malloc"}
     sides = {k: Side(names[k]) for k in args.sides}
     for r in range(args.rounds):
@@ -476,8 +566,7 @@ def main() -> None:
         result[f"ratio_steps_per_s{suffix}"] = hpt.steps_per_s / ref.steps_per_s
         result[f"ratio_tokens_per_s{suffix}"] = hpt.tokens_per_s / ref.tokens_per_s
         result[f"ratio_steps_per_cpu_s{suffix}"] = hpt.steps_per_cpu_s / ref.steps_per_cpu_s
-    if hpt is not None:
-        result["hpt_time_split_s"] = hpt.split
+    result["time_split_s"] = {side.name: side.split for side in sides.values()}
     result["raw"] = {side.name: asdict(side) for side in sides.values()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
@@ -501,9 +590,9 @@ def main() -> None:
                 f"x{result[f'ratio_tokens_per_s{suffix}']:.2f}, steps per CPU second "
                 f"x{result[f'ratio_steps_per_cpu_s{suffix}']:.2f}"
             )
-    if hpt is not None:
-        total = sum(hpt.split.values())
-        print("hpt-dsl time split: " + ", ".join(f"{k} {v / total:.0%}" for k, v in hpt.split.items()))
+    for side in sides.values():
+        steps = len(side.step_s)
+        print(f"{side.name} seconds per step: " + ", ".join(f"{k} {v / steps:.2f}" for k, v in side.split.items()))
     print(f"all learned (training reward up from the first to the last third): {all(r['learned'] for r in rows)}")
     print(f"wrote {args.out}")
 
