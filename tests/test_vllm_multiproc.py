@@ -27,6 +27,7 @@ if find_spec("vllm") is None or find_spec("deepspeed") is None:
     pytest.skip("needs vLLM and DeepSpeed: run in the environment made by scripts/setup-vllm",
                 allow_module_level=True)
 
+from _vllm_runs import train_rows, write_data  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,12 +46,6 @@ SMALL = [
     "train.lr=0.003",  # and 1e-5 on weights: as the DeepSpeed tests
     "rollout.tis_cap=2.0",
 ]
-REWARDS = '''
-def parity(response, answer):
-    """0 or 1 by the response's characters: rewards that differ between a question's samples,
-    so that GRPO's advantages (and updates) depend on every sampled token."""
-    return float(sum(map(ord, response)) % 2)
-'''
 RECIPES = {  # recipe, its extra settings, ZeRO stage
     "grpo": ("grpo.hpt", ["data.reward=mp_rewards:parity"], 2),
     "hpt": ("hpt.hpt", [], 3),
@@ -59,11 +54,7 @@ RECIPES = {  # recipe, its extra settings, ZeRO stage
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("mp")
-    rows = [{"question": f"What is {i + 2} + {3 * i + 1}?", "answer": str(4 * i + 3)} for i in range(8)]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "mp_rewards.py").write_text(REWARDS)
-    return folder
+    return write_data(tmp_path_factory.mktemp("mp"), "mp_rewards")
 
 
 def launch(args: list[str], world: int, files: Path) -> subprocess.CompletedProcess[str]:
@@ -102,11 +93,6 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(files: Path) -> Runs:
     return Runs(files)
-
-
-def train_rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "train"]
 
 
 def engines_started(stderr: str) -> int:

@@ -14,7 +14,6 @@ environment (scripts/setup-vllm; CI's vLLM lane):
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import socketserver
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _vllm_runs import train_rows, write_data
 
 from hpt_dsl.models import build_tiny, load_local
 
@@ -40,11 +40,6 @@ needs_vllm = pytest.mark.skipif(
 SMALL = ["rollout.engine=vllm_server", "train.questions=4", "rollout.n=2", "rollout.max_new_tokens=12",
          "eval.max_new_tokens=12", "data.max_test=2", "train.micro_batch=2", "train.threads=1", "train.eval_every=0",
          "train.save_every=1", "train.lr=0.003", "data.reward=srv_rewards:parity"]  # fmt: skip
-REWARDS = '''
-def parity(response, answer):
-    """0 or 1 by the response's characters: rewards, and so updates, that depend on every sampled token."""
-    return float(sum(map(ord, response)) % 2)
-'''
 
 
 def free_port() -> int:
@@ -135,11 +130,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("data")
-    rows = [{"question": f"What is {i + 2} + {3 * i + 1}?", "answer": str(4 * i + 3)} for i in range(8)]
-    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "srv_rewards.py").write_text(REWARDS)
-    return folder
+    return write_data(tmp_path_factory.mktemp("data"), "srv_rewards")
 
 
 def run_against(server: Server, files: Path, out: Path, world: int = 1, steps: int = 2,
@@ -149,11 +140,6 @@ def run_against(server: Server, files: Path, out: Path, world: int = 1, steps: i
     args = ["run", str(ROOT / "recipes" / "grpo.hpt"), *[f"--set={s}" for s in sets], "-o", str(out), "--quiet",
             "--no-plots"]  # fmt: skip
     return cli(args, {"PYTHONPATH": os.pathsep.join([str(files), str(ROOT)])}, world)
-
-
-def train_rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "train"]
 
 
 @needs_vllm

@@ -87,13 +87,45 @@ def _sample(x: Tensor, params: SamplingParams, gen: torch.Generator) -> tuple[Te
             probs = lp.exp()
         else:
             probs = torch.softmax(filter_logits(x, params.top_k, params.top_p), dim=-1)
-        cdf = probs.double().cumsum(-1)
         r = torch.rand(x.shape[0], 1, dtype=torch.float64, generator=gen, device=x.device)
-        # non-finite logits (weights that diverged) give a NaN cdf, which searchsorted places past
-        # the end: keep the index in the vocabulary, so that the NaN log-prob reaches the loop's
-        # non-finite check (a skipped step, then exit 3) instead of an index error here
-        nxt = torch.searchsorted(cdf, (1 - r) * cdf[:, -1:]).squeeze(1).clamp(max=x.shape[-1] - 1)
+        nxt = _inverse_cdf(probs, 1 - r)
     return nxt, lp.gather(1, nxt[:, None]).squeeze(1)
+
+
+SAMPLE_BLOCK = 1024
+"""Vocabularies larger than this are searched block by block (``_inverse_cdf``)."""
+
+
+def _inverse_cdf(probs: Tensor, q: Tensor) -> Tensor:
+    """Per row, the first index i with c_i >= q * c_{V-1}, c the float64 running sum of
+    ``probs`` (rows, V) and q in (0, 1] of shape (rows, 1).
+
+    A vocabulary of more than ``SAMPLE_BLOCK`` tokens is searched in two levels, which
+    avoids a sequential float64 running sum over all V columns (on a CPU the largest cost
+    of sampling at V = 49,152): the running sum of the blocks' float64 sums picks the block
+    where c crosses the target, and the running sum inside that block alone picks the
+    token. It is the same c up to float64 rounding (the distribution is the same; a draw
+    within ~1e-16 of a boundary may land on the neighbour). Non-finite logits (weights that
+    diverged) give a NaN c, which searchsorted places past the end: the index is kept in
+    the vocabulary, so that the NaN log-prob reaches the loop's non-finite check (a skipped
+    step, then exit 3) instead of an index error here."""
+    rows, vocab = probs.shape
+    if vocab <= SAMPLE_BLOCK:
+        cdf = probs.double().cumsum(-1)
+        return torch.searchsorted(cdf, q * cdf[:, -1:]).squeeze(1).clamp(max=vocab - 1)
+    blocks = -(-vocab // SAMPLE_BLOCK)
+    padded = torch.nn.functional.pad(probs, (0, blocks * SAMPLE_BLOCK - vocab)) if vocab % SAMPLE_BLOCK else probs
+    padded = padded.view(rows, blocks, SAMPLE_BLOCK)
+    block_cdf = padded.sum(-1, dtype=torch.float64).cumsum(-1)
+    target = q * block_cdf[:, -1:]
+    block = torch.searchsorted(block_cdf, target).clamp(max=blocks - 1)  # (rows, 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = padded.gather(1, block[:, :, None].expand(rows, 1, SAMPLE_BLOCK)).squeeze(1).double().cumsum(-1)
+    # rounding may put the rest of the target a hair outside (0, block total]: clamping it
+    # there keeps the draw on a token of nonzero probability inside the block
+    rest = torch.minimum((target - before).clamp(min=torch.finfo(torch.float64).tiny), inner[:, -1:])
+    within = torch.searchsorted(inner, rest).clamp(max=SAMPLE_BLOCK - 1)
+    return (block * SAMPLE_BLOCK + within).squeeze(1).clamp(max=vocab - 1)
 
 
 def _compact_order(done: Tensor) -> Tensor:
