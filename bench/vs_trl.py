@@ -126,16 +126,11 @@ def task_overrides(task: str) -> list[str]:
 
 
 def task_settings(task: str, seed: int) -> Any:
-    """hpt-dsl's Settings of ``task`` (model prompt, data files, reward) with ``train.seed``."""
-    from hpt_dsl.settings import Settings
+    """hpt-dsl's Settings of ``task`` (model prompt, data files, reward) with ``train.seed``:
+    ``recipes/grpo.hpt``'s, with the task's overrides applied as ``--set`` does."""
+    from hpt_dsl import load_recipe
 
-    s = Settings()
-    for item in task_overrides(task):
-        key, value = item.split("=", 1)
-        section, name = key.split(".")
-        setattr(getattr(s, section), name, value)
-    s.train.seed = seed
-    return s
+    return load_recipe(ROOT / "recipes" / "grpo.hpt", overrides=[*task_overrides(task), f"train.seed={seed}"]).settings
 
 
 def task_model(args: argparse.Namespace) -> Path:

@@ -272,9 +272,12 @@ def test_a_large_vocabulary_is_searched_by_blocks_with_the_same_result(vocab: in
     one_level = torch.searchsorted(cdf, q * cdf[:, -1:]).squeeze(1)
     two_level = hf._inverse_cdf(probs, q)
     assert hf.SAMPLE_BLOCK < vocab
-    # (in general the two may differ for a target within float64 rounding of a boundary; with
-    # these fixed seeds none is, and 512 rows at V = 49,152 and 151,936 agree as well)
-    assert torch.equal(two_level, one_level)
+    # the same token, except where the target lies within float64 rounding of the boundary
+    # between the two (summation order differs between CPUs, so equality is not asserted)
+    target = (q * cdf[:, -1:]).squeeze(1)
+    gap = (cdf.gather(1, torch.minimum(two_level, one_level)[:, None]).squeeze(1) - target).abs()
+    assert bool(((two_level == one_level) | (gap <= 1e-12 * cdf[:, -1])).all())
+    assert (two_level == one_level).sum() >= 60
     assert bool((probs.gather(1, two_level[:, None]) > 0).all())
     nan = hf._inverse_cdf(torch.full((2, vocab), float("nan")), q[:2])
     assert bool(((nan >= 0) & (nan < vocab)).all())

@@ -39,11 +39,14 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x W^T + b through oneDNN, for any leading shape of ``x`` (``F.linear``'s contract)."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
 def _forward(module: torch.nn.Linear, x: Tensor) -> Tensor:
-    """``module(x)`` = x W^T + b through oneDNN, for any leading shape of ``x``."""
-    flat = x.reshape(-1, x.shape[-1])
-    y = torch.ops.mkldnn._linear_pointwise(flat, module.weight, module.bias, "none", [], "")
-    return y.view(*x.shape[:-1], module.weight.shape[0])
+    return linear(x, module.weight, module.bias)
 
 
 def eligible(module: Any) -> bool:
