@@ -8,11 +8,13 @@ A decode step of ``S`` sequences runs every linear layer of the model once on ``
 (the attention over the cache and the sampling come on top). Three bounds on the seconds
 of one step, each measured here, on this machine, in this process:
 
-    gemm bound      the step's own matrix products: every nn.Linear of the model (the output
-                    head included) applied to S rows with its real weights (which stream
-                    from memory as in the real forward pass), each group of same-shaped
-                    weights through the faster of torch's two CPU kernels (the default BLAS
-                    and oneDNN); FLOPs/token and the GFLOP/s it reaches
+    gemm bound      the step's own matrix products: every weight matrix of the model (the
+                    output head included) applied to S rows (the weights stream from memory as
+                    in the real forward pass), through the fastest of torch's CPU kernels for
+                    each shape (the default BLAS, oneDNN, oneDNN on weights packed for S rows)
+                    and in the faster of two layouts (one product per nn.Linear, or a Llama
+                    layer's q/k/v and gate/up stacked into one product each, as
+                    ``rollout.llama_step`` runs them); FLOPs/token and the GFLOP/s it reaches
     memory bound    the bytes of all weights / the read bandwidth (a sum over 512 MB)
     peak bound      FLOPs of the step / the GFLOP/s of a 1024^3 float32 GEMM
 
@@ -30,6 +32,7 @@ are reported. Prints a table and writes bench/results/decode_bound.json
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -44,9 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_result  # noqa: E402
 
 from hpt_dsl.data import load_task  # noqa: E402
+from hpt_dsl.malloc import keep_freed_memory  # noqa: E402
 from hpt_dsl.models import load_model  # noqa: E402
 from hpt_dsl.prompting import PromptCache  # noqa: E402
-from hpt_dsl.rollout import cpu_linear  # noqa: E402
+from hpt_dsl.rollout import cpu_linear, llama_step  # noqa: E402
 from hpt_dsl.rollout.base import SamplingParams  # noqa: E402
 from hpt_dsl.rollout.hf import HFRolloutEngine  # noqa: E402
 from hpt_dsl.settings import Settings  # noqa: E402
@@ -66,27 +70,54 @@ def _timed(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _layouts(model: Any) -> dict[str, list[torch.Tensor]]:
+    """The weight matrices of one decode step, per layout: "per layer" (each nn.Linear) and,
+    for a model that ``llama_step`` decodes, "stacked" (q/k/v and gate/up concatenated)."""
+    plain = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    out = {"per layer": plain}
+    if llama_step.eligible(model):
+        stacked = [model.get_output_embeddings().weight]
+        for layer in model.model.layers:
+            a, f = layer.self_attn, layer.mlp
+            stacked += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight]
+            stacked += [torch.cat([f.gate_proj.weight, f.up_proj.weight]), f.down_proj.weight]
+        out["stacked"] = stacked
+    return out
+
+
 def gemm_step(model: Any, rows: int) -> tuple[dict[str, float], float]:
-    """({kernel: seconds}, FLOPs) of one decode step's matrix products: every nn.Linear on
-    ``rows`` rows, weights grouped by shape (q, k, v, o, gate, up, down, head), each group
-    timed through torch's default kernel and through oneDNN's (``rollout.cpu_linear``);
-    "best" sums the faster kernel of each group."""
-    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            groups.setdefault(tuple(m.weight.shape), []).append(m.weight)
-    kernels = {"default": torch.nn.functional.linear}
+    """({"layout/kernel": seconds}, FLOPs) of one decode step's matrix products on ``rows``
+    rows: per layout (``_layouts``), the weights grouped by shape, each group timed through
+    torch's default kernel, oneDNN's and oneDNN's on packed weights (``cpu_linear``);
+    "best" is the faster layout with the faster kernel for each of its groups."""
+    kernels: dict[str, Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+        "default": lambda w: functools.partial(torch.nn.functional.linear, weight=w)
+    }
     if cpu_linear.available():
-        kernels["onednn"] = cpu_linear.linear
-    flops = sum(2.0 * rows * w.numel() for ws in groups.values() for w in ws)
-    times: dict[str, list[float]] = {k: [] for k in kernels}
+        kernels["onednn"] = lambda w: functools.partial(cpu_linear.linear, weight=w)
+        kernels["packed"] = lambda w: cpu_linear.Packed(w, None, rows)
+    out: dict[str, float] = {}
+    best: list[float] = []
+    flops = 0.0
     with torch.no_grad():
-        for (_, fan_in), ws in groups.items():
-            x = torch.randn(rows, fan_in)
-            for name, fn in kernels.items():
-                times[name].append(_timed(lambda fn=fn, ws=ws, x=x: [fn(x, w) for w in ws], 5))
-    out = {k: sum(v) for k, v in times.items()}
-    out["best"] = sum(min(t) for t in zip(*times.values(), strict=True))
+        for layout, weights in _layouts(model).items():
+            flops = sum(2.0 * rows * w.numel() for w in weights)
+            groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+            for w in weights:
+                groups.setdefault(tuple(w.shape), []).append(w)
+            per_group: list[list[float]] = []
+            for (_, fan_in), ws in groups.items():
+                x = torch.randn(rows, fan_in)
+                row = []
+                for make in kernels.values():
+                    products = [make(w) for w in ws]
+                    row.append(_timed(lambda ps=products, x=x: [p(x) for p in ps], 5))
+                    del products
+                per_group.append(row)
+            for k, name in enumerate(kernels):
+                out[f"{layout}/{name}"] = sum(t[k] for t in per_group)
+            best.append(sum(min(t) for t in per_group))
+    out["best"] = min(best)
     return out, flops
 
 
@@ -134,6 +165,7 @@ def main() -> None:
     ap.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="vllm: the CPU build, where installed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as in a training process (hpt_dsl.malloc)
 
     settings = Settings()
     settings.model.name = args.model
@@ -191,12 +223,12 @@ def main() -> None:
     print(f"{args.model}, {rows} sequences, float32, {args.threads} threads, {args.repeats} rounds (medians)")
     print(f"FLOPs per token {flops / rows / 1e9:.3f} G; weights {weight_bytes / 1e6:.0f} MB")
     print(f"{'bound':8} {'s/step':>8} {'tokens/s':>9}   how measured")
-    kernels = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in report["gemm_step_s_by_kernel"].items())
-    how = {"gemm": f"the step's GEMMs at {rows} rows: {report['gemm_gflops_at_rows']:.0f} GFLOP/s ({kernels})",
+    how = {"gemm": f"the step's GEMMs at {rows} rows: {report['gemm_gflops_at_rows']:.0f} GFLOP/s (fastest below)",
            "memory": f"weights / {bandwidth / 1e9:.0f} GB/s read",
            "peak": f"FLOPs / {peak:.0f} GFLOP/s (1024^3 GEMM)"}  # fmt: skip
     for k, v in bounds.items():
         print(f"{k:8} {v:8.4f} {rows / v:9.0f}   {how[k]}")
+    print("GEMMs of a step: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in report["gemm_step_s_by_kernel"].items()))
     print(
         f"{args.engine} engine decode: {step_s:.4f} s/step, {decode_tps:.0f} tokens/s = "
         + ", ".join(f"{100 * r:.0f}% of the {k} bound" for k, r in report["ratio"].items())

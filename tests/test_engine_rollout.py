@@ -219,11 +219,17 @@ def tiny_gqa(tiny: tuple[object, object]) -> tuple[object, object]:
     return model, tok
 
 
-def test_grouped_query_decoding_gives_the_log_probs_of_a_fresh_forward_pass(tiny_gqa, prompts) -> None:
-    """The decode path (KV buffers written in place, grouped-query heads attended without
-    repeating them) samples under the model's own policy: with rows of different prompt
-    lengths finishing at different steps, every log-prob equals a fresh forward pass, and
-    the model's attention is SDPA again afterwards."""
+@pytest.mark.parametrize("llama_step", [True, False], ids=["llama_step", "transformers forward"])
+def test_grouped_query_decoding_gives_the_log_probs_of_a_fresh_forward_pass(
+    tiny_gqa, prompts, llama_step: bool, monkeypatch
+) -> None:
+    """Both decode paths (``llama_step``, and transformers' forward pass with KV buffers
+    written in place and grouped-query heads attended without repeating them) sample under
+    the model's own policy: with rows of different prompt lengths finishing at different
+    steps, every log-prob equals a fresh forward pass, and the model's attention is SDPA
+    again afterwards."""
+    if not llama_step:
+        monkeypatch.setattr("hpt_dsl.rollout.llama_step.eligible", lambda model: False)
     model, tok = tiny_gqa
     engine = HFRolloutEngine(model, tok)
     engine.eos_ids = set(range(4, 8))

@@ -20,6 +20,10 @@ beyond the new batch size move into the rows just freed, and the others stay whe
 are; with a cache of plain ``DynamicLayer`` s (full attention) only those moved rows are
 copied, in place (``_select_rows``).
 
+On a CPU, the decode steps of a float32 Llama-family model run through ``llama_step`` (one
+function over the model's weights, with packed oneDNN products) instead of the model's
+forward pass; the prefill always runs through transformers.
+
 The engine samples with the learner's own model object, so after an update its weights
 are already current and ``load_weights`` only copies tensors that are not shared.
 
@@ -47,6 +51,7 @@ from torch import Tensor
 
 from hpt_dsl.batch import pad_left, positions
 from hpt_dsl.models import plain_cache
+from hpt_dsl.rollout import llama_step
 from hpt_dsl.rollout.base import Rollout, RolloutEngine, SamplingParams
 from hpt_dsl.rollout.cpu_linear import onednn_linears
 from hpt_dsl.rollout.kv import preallocate, sampling_attention, slot_layer
@@ -169,6 +174,7 @@ class HFRolloutEngine(RolloutEngine):
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos])
         self._last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.autocast = autocast_dtype(settings, next(model.parameters()).dtype)
+        self._fused = False  # for the length of a sampling call: decode with llama_step
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Rollout]:
         per_call = max(1, self.max_sequences // params.n)
@@ -199,13 +205,17 @@ class HFRolloutEngine(RolloutEngine):
     @contextlib.contextmanager
     def _sampling(self) -> Iterator[None]:
         """The model in eval mode with the sampling kernels (``kv.sampling_attention``,
-        ``cpu_linear.onednn_linears``) for one call of the sampling loop; all restored on exit."""
+        ``cpu_linear.onednn_linears``, the decode step of ``llama_step`` where it applies) for
+        one call of the sampling loop; all restored on exit."""
         was_training = self.model.training
         self.model.eval()
         try:
+            model = self.model
+            self._fused = self.autocast is None and llama_step.eligible(model) and llama_step.memory_allows(model)
             with sampling_attention(self.model), onednn_linears(self.model, enabled=self.autocast is None):
                 yield
         finally:
+            self._fused = False
             self.model.train(was_training)
 
     def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any) -> tuple[Tensor, Any]:
@@ -243,8 +253,10 @@ class HFRolloutEngine(RolloutEngine):
             if n > 1 and cache is not None:  # one prefill per prompt, its cache shared by its n samples
                 cache.batch_repeat_interleave(n)
                 logits = logits.repeat_interleave(n, dim=0)
+            step = None
             if steps > 1 and plain_cache(cache):  # the steps write into buffers of the final width
                 preallocate(cache, mask.shape[1] + steps)
+                step = llama_step.LlamaDecodeStep(self.model, rows=B) if self._fused else None
             width = mask.shape[1]  # the step-t token is column width + t of the mask
             full_mask = mask.new_ones(B, width + steps)
             full_mask[:, :width] = mask.repeat_interleave(n, dim=0)
@@ -272,7 +284,10 @@ class HFRolloutEngine(RolloutEngine):
                 if not more:  # lockstep: done here, still running elsewhere
                     self._idle_forward(device)
                     continue
-                logits, cache = self._forward(nxt[:, None], full_mask[:, : width + t + 1], pos[:, None], cache)
+                if step is not None:
+                    logits = step(nxt, pos, full_mask[:, : width + t + 1], cache)
+                else:
+                    logits, cache = self._forward(nxt[:, None], full_mask[:, : width + t + 1], pos[:, None], cache)
                 pos = pos + 1
         token_rows, logprob_rows = tokens.tolist(), logprobs.tolist()
         length, stopped = length.tolist(), stopped.tolist()
