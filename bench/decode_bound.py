@@ -5,7 +5,7 @@
     .venv-vllm/bin/python bench/decode_bound.py --engine vllm    # vLLM's CPU build, same prompts
 
 A decode step of ``S`` sequences runs every linear layer of the model once on ``S`` rows
-(the attention over the cache and the sampling come on top). Three bounds on the seconds
+(the attention over the cache and the sampling come on top). Four bounds on the seconds
 of one step, each measured here, on this machine, in this process:
 
     gemm bound      the step's own matrix products: every weight matrix of the model (the
@@ -15,6 +15,10 @@ of one step, each measured here, on this machine, in this process:
                     and in the faster of two layouts (one product per nn.Linear, or a Llama
                     layer's q/k/v and gate/up stacked into one product each, as
                     ``rollout.llama_step`` runs them); FLOPs/token and the GFLOP/s it reaches
+    gemm + cache    the gemm bound plus the attention's reads of the KV cache at the read
+                    bandwidth: keys and values of every layer, S rows, at the mean width of
+                    the call (prompt + half the new tokens); a layer's products and its
+                    attention run one after the other, so their bounds add
     memory bound    the bytes of all weights / the read bandwidth (a sum over 512 MB)
     peak bound      FLOPs of the step / the GFLOP/s of a 1024^3 float32 GEMM
 
@@ -207,12 +211,18 @@ def main() -> None:
 
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     step_s, gemm_s = med("step_s"), med("gemm_best_s")
-    bounds = {"gemm": gemm_s, "memory": weight_bytes / bandwidth, "peak": flops / (peak * 1e9)}
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = max(len(p) for p in prompts) + args.max_new_tokens / 2
+    kv_bytes = 2 * config.num_hidden_layers * rows * config.num_key_value_heads * head_dim * 4 * width
+    bounds = {"gemm": gemm_s, "gemm + cache": gemm_s + kv_bytes / bandwidth, "memory": weight_bytes / bandwidth,
+              "peak": flops / (peak * 1e9)}  # fmt: skip
     decode_tps = rows / step_s
     report = {
         "engine": args.engine, "model": args.model, "threads": args.threads, "sequences": rows,
         "max_new_tokens": args.max_new_tokens,
-        "flops_per_token": flops / rows, "weight_bytes": weight_bytes, "read_gb_per_s": bandwidth / 1e9,
+        "flops_per_token": flops / rows, "weight_bytes": weight_bytes, "kv_cache_bytes_read_per_step": kv_bytes,
+        "read_gb_per_s": bandwidth / 1e9,
         "peak_gflops": peak, "gemm_gflops_at_rows": flops / gemm_s / 1e9,
         "gemm_step_s_by_kernel": {k[5:-2]: med(k) for k in rounds[0] if k.startswith("gemm_")},
         "bound_step_s": bounds, "bound_tokens_per_s": {k: rows / v for k, v in bounds.items()},
@@ -222,12 +232,13 @@ def main() -> None:
     }  # fmt: skip
     print(f"{args.model}, {rows} sequences, float32, {args.threads} threads, {args.repeats} rounds (medians)")
     print(f"FLOPs per token {flops / rows / 1e9:.3f} G; weights {weight_bytes / 1e6:.0f} MB")
-    print(f"{'bound':8} {'s/step':>8} {'tokens/s':>9}   how measured")
+    print(f"{'bound':12} {'s/step':>8} {'tokens/s':>9}   how measured")
     how = {"gemm": f"the step's GEMMs at {rows} rows: {report['gemm_gflops_at_rows']:.0f} GFLOP/s (fastest below)",
+           "gemm + cache": f"+ {kv_bytes / 1e6:.0f} MB of KV cache / {bandwidth / 1e9:.0f} GB/s read",
            "memory": f"weights / {bandwidth / 1e9:.0f} GB/s read",
            "peak": f"FLOPs / {peak:.0f} GFLOP/s (1024^3 GEMM)"}  # fmt: skip
     for k, v in bounds.items():
-        print(f"{k:8} {v:8.4f} {rows / v:9.0f}   {how[k]}")
+        print(f"{k:12} {v:8.4f} {rows / v:9.0f}   {how[k]}")
     print("GEMMs of a step: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in report["gemm_step_s_by_kernel"].items()))
     print(
         f"{args.engine} engine decode: {step_s:.4f} s/step, {decode_tps:.0f} tokens/s = "
