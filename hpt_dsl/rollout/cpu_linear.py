@@ -69,7 +69,6 @@ class Packed:
         biases = bias.detach().split(block) if bias is not None else [None] * len(weights)
         pack = torch.ops.mkldnn._reorder_linear_weight
         self.blocks = [(pack(w.contiguous(), rows), b) for w, b in zip(weights, biases, strict=True)]
-        self.nbytes = weight.numel() * weight.element_size()
 
     def __call__(self, x: Tensor) -> Tensor:
         outs = [linear(x, w, b) for w, b in self.blocks]
