@@ -20,15 +20,18 @@ own weights. Per layer, with x the rows' hidden states (rows, d) and p their pos
     logits = (rmsnorm(x) * w_norm) W_head^T
 
 the arithmetic of transformers' forward pass up to float32 summation order (the tests
-compare both to 1e-5). The stacked [Wq; Wk; Wv] and [Wg; Wu] are copies made when a
-sampling call starts (the weights are then current) and dropped when it ends: a third of
-the model's weights for the length of the call. Products of at least ``cpu_linear.MIN_WEIGHT``
-weights go through oneDNN (``cpu_linear``), smaller ones through ``F.linear``.
+compare both to 1e-5). A ``LlamaDecodeStep`` is built for each call of the sampling loop,
+after the prefill, when the weights are current: every product of at least
+``cpu_linear.MIN_WEIGHT`` weights is packed for oneDNN for the call's row count
+(``cpu_linear.Packed``, 1.4-1.6x the unpacked product at 16 rows), smaller ones run through
+``F.linear``. The packed copies (the stacked [Wq; Wk; Wv] and [Wg; Wu] among them) take as
+much memory as the weights for the length of the call, so the engine uses the step only
+where the system has twice that available (``memory_allows``).
 
 It applies to float32 models on a CPU, outside ZeRO-3 and autocast, whose every projection
 is a plain ``nn.Linear`` (no adapter or quantised layer), with SiLU MLPs, no bias in the
-MLP and no sliding-window layer (``build`` returns None otherwise, and sampling keeps
-transformers' forward pass). The prefill always runs through transformers.
+MLP and no sliding-window layer (``eligible``; otherwise sampling keeps transformers'
+forward pass). The prefill always runs through transformers.
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def _plain(module: Any) -> bool:
 
 def eligible(model: Any) -> bool:
     """True when ``model`` is one of ``ARCHITECTURES`` in the form written out above, in
-    float32 on a CPU and not partitioned by ZeRO-3."""
+    float32 on a CPU and not partitioned by ZeRO-3. (Asked before ``cpu_linear.onednn_linears``
+    replaces the layers' ``forward``, which would make every layer look adapted.)"""
     config = getattr(model, "config", None)
     if type(model).__name__ not in ARCHITECTURES or not type(model).__module__.startswith("transformers."):
         return False
