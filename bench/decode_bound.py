@@ -149,11 +149,10 @@ def make_engine(name: str, model: Any, tokenizer: Any, settings: Settings) -> tu
     from hpt_dsl.rollout import vllm
 
     engine = vllm.make_engine(settings, model, tokenizer)
-    knobs, stop_ids = vllm._sampling_knobs, engine.stop_token_ids
+    stop_ids = engine.stop_token_ids
 
-    def vllm_stopping(stop: bool) -> None:  # vLLM stops at the model's EOS unless told to ignore it
+    def vllm_stopping(stop: bool) -> None:  # no stop ids: the engine tells vLLM to ignore the EOS too
         engine.stop_token_ids = stop_ids if stop else []
-        vllm._sampling_knobs = knobs if stop else (lambda p: {**knobs(p), "ignore_eos": True})
 
     return engine, vllm_stopping
 

@@ -179,6 +179,23 @@ def test_sampled_logprobs_match_the_learner(policy: Any, engine: Any) -> None:
         assert worst < LOGPROB_TOL, f"tau={tau}: max |engine - learner| = {worst:.2e}"
 
 
+def test_without_stop_ids_every_rollout_runs_to_max_new_tokens(policy: Any, engine: Any) -> None:
+    """An engine with no stop ids samples to max_new_tokens, past the model's own EOS (vLLM
+    would otherwise stop there): what the decode benchmark measures with EOS off."""
+    prompts = [prompt_ids(policy[1], q) for q in QUESTIONS]
+    params = SamplingParams(n=4, max_new_tokens=32, seed=5)
+    stopped = engine.generate(prompts, params)
+    assert any(r.finish_reason == "stop" for r in stopped), "some rollout must end at EOS, or this proves nothing"
+    ids = engine.stop_token_ids
+    engine.stop_token_ids = []
+    try:
+        free = engine.generate(prompts, params)
+    finally:
+        engine.stop_token_ids = ids
+    assert all(r.finish_reason == "length" and len(r.token_ids) == 32 for r in free)
+    assert any(set(r.token_ids) & set(ids) for r in free), "an EOS was sampled and passed over"
+
+
 def test_same_seed_same_rollouts(policy: Any, engine: Any) -> None:
     prompts = [prompt_ids(policy[1], q) for q in QUESTIONS[:2]]
     params = SamplingParams(n=3, max_new_tokens=16, seed=11)

@@ -260,6 +260,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 seed=request_seed(params.seed, index[k // n] * n + k % n),
                 max_tokens=params.max_new_tokens,
                 stop_token_ids=self.stop_token_ids,
+                ignore_eos=not self.stop_token_ids,  # no stop ids: sample to max_tokens, as the hf engine
                 logprobs=0,  # the sampled token's log-prob only
                 detokenize=False,
                 **_sampling_knobs(params),
