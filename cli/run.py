@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from hpt_dsl.lang.load import analyse
-from hpt_dsl.process import RunInterrupted
+from hpt_dsl.process import RunInterrupted, command_signals
 
 
 def run_command(
@@ -54,7 +54,7 @@ def run_command(
         console.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
     json_stream = sys.stdout  # stdout carries only the JSON lines: whatever a library prints goes to stderr
-    with exit_codes(console, debug):
+    with command_signals(), exit_codes(console, debug):  # a launcher's SIGTERM does not cut the message short
         try:
             with contextlib.redirect_stdout(sys.stderr):
                 run_recipe(checked.recipe, output=resume or output, resume=resume is not None, quiet=quiet,

@@ -4,12 +4,16 @@
     use_cpu_threads(settings)   set them in this process (0: leave torch's default)
     StopFlag                    Ctrl-C / SIGTERM sets a flag the loop reads between steps
     RunInterrupted              the loop stopped on it, after a checkpoint (exit code 130)
+    command_signals()           around a whole command: SIGTERM as Ctrl-C, never a silent end
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -48,6 +52,32 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+@contextmanager
+def command_signals() -> Iterator[None]:
+    """Around a command that trains (``hpt-dsl run``): SIGTERM interrupts as Ctrl-C does, with
+    ``KeyboardInterrupt``, where by default it would end the process without a word; and while
+    an error is being handled (the run is stopping, its message not yet printed) both are
+    noted and ignored. A launcher sends SIGTERM to every process once one of them has died;
+    the others, stopping on the lost peer already, then still say why. ``StopFlag`` takes over
+    inside the training loop and gives these handlers back when it ends."""
+
+    def handle(signum: int, frame: Any) -> None:
+        if sys.exc_info()[0] is None:  # nothing is stopping the run yet: stop it here
+            raise KeyboardInterrupt
+
+    old: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handle)
+        except ValueError:  # not the main thread: the signals stay as they are
+            pass
+    try:
+        yield
+    finally:
+        for sig, was in old.items():
+            signal.signal(sig, was)
 
 
 def cpu_threads(settings: Any) -> int:
