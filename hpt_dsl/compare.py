@@ -23,13 +23,13 @@ in ``out/plots``.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -287,7 +287,7 @@ def run_jobs(
     context = multiprocessing.get_context("spawn")
     stop = context.Event()  # set when the comparison stops: a worker then starts no queued job
     pool = ProcessPoolExecutor(parallel, mp_context=context, initializer=_init_worker, initargs=(stop,))
-    old_term = _forward_sigterm(pool, stop)
+    old_term = _forward_sigterm(stop)
     try:
         futures = {}
         for job in todo:
@@ -318,8 +318,17 @@ _STOP: Any = None
 
 
 def _init_worker(stop: Any) -> None:
+    """A worker keeps the stop event and watches it: once the comparison stops, it sends
+    itself SIGTERM, so that its run checkpoints and stops as on Ctrl-C (a second request
+    within 3 s of a Ctrl-C it heard from the terminal counts as the same one)."""
     global _STOP
     _STOP = stop
+
+    def watch() -> None:
+        stop.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="compare-stop", daemon=True).start()
 
 
 class NotStarted(RuntimeError):
@@ -334,18 +343,15 @@ def _execute_queued(job: Job, runner: Runner, threads: int) -> Job:
     return _execute(job, runner, threads)
 
 
-def _forward_sigterm(pool: ProcessPoolExecutor, stop: Any) -> Any:
+def _forward_sigterm(stop: Any) -> Any:
     """A SIGTERM to the comparing process (``kill``, a job scheduler, ``timeout``) reaches only
-    that process, not its workers: mark the comparison as stopping (no queued job starts), pass
-    the signal on to each running worker (whose run checkpoints and stops, as on Ctrl-C), then
-    stop as on Ctrl-C, so that no worker trains on as an orphan. Returns the previous handler
-    (None off the main thread, where none is installed)."""
+    that process, not its workers: mark the comparison as stopping, which each worker watches
+    (``_init_worker``: no queued job starts, a running one checkpoints and stops), then stop as
+    on Ctrl-C, so that no worker trains on as an orphan. Returns the previous handler (None off
+    the main thread, where none is installed)."""
 
     def handle(signum: int, frame: Any) -> None:
         stop.set()
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
         raise KeyboardInterrupt
 
     try:
