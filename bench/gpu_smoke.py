@@ -423,13 +423,12 @@ def check_vllm_server() -> dict[str, Any]:
     import signal
     import socket
     import subprocess
-    import time
-    import urllib.request
 
     if importlib.util.find_spec("vllm") is None:
         return {"skipped": "vLLM is not installed"}
     from hpt_dsl.models import build_tiny
-    from hpt_dsl.rollout.server import server_command
+    from hpt_dsl.rollout.server import server_command, wait_ready
+    from hpt_dsl.rollout.vllm import RolloutEngineError
 
     name, what = model_folder()
     folder = str(build_tiny(Path(os.environ["WORK"]) / "tiny-server", 0)) if name == "tiny" else name
@@ -441,17 +440,11 @@ def check_vllm_server() -> dict[str, Any]:
                                                                      "--max-model-len", "1024"]  # fmt: skip
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                               env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})  # fmt: skip
-    started = time.monotonic()
     try:
-        while True:
-            expect(server.poll() is None, f"the server exited with {server.returncode} (see vllm_server.log)")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                    break
-            except OSError:
-                expect(time.monotonic() - started < 150, "the server did not start in 150 s")
-                time.sleep(2)
-        start_s = time.monotonic() - started
+        try:
+            start_s = wait_ready(f"127.0.0.1:{port}", server, 150)
+        except RolloutEngineError as err:
+            raise CheckFailed(f"{err} (see vllm_server.log)") from None
         run = run_dir("vllm_server")
         sets = loop_sets(name, 2) + ds_sets(3) + ["rollout.engine=vllm_server", f"rollout.server=127.0.0.1:{port}",
                                                   "rollout.tis_cap=2.0"]  # fmt: skip

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
@@ -80,6 +79,42 @@ def test_no_server_is_exit_2_with_the_start_command(tmp_path: Path) -> None:
     assert "--worker-extension-cls hpt_dsl.rollout.server_ext.WeightSync" in text and "Traceback" not in text
 
 
+HEALTH = """
+import http.server, sys, time
+time.sleep(1)  # a server that takes a moment to come up
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+def test_wait_ready_waits_for_health_and_says_why_it_gives_up() -> None:
+    from hpt_dsl.rollout.server import wait_ready
+    from hpt_dsl.rollout.vllm import RolloutEngineError
+
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-c", HEALTH, str(port)])
+    try:
+        assert 0.5 < wait_ready(f"127.0.0.1:{port}", up, 60) < 60
+    finally:
+        up.kill()
+        up.wait()
+    gone = subprocess.Popen([sys.executable, "-c", "raise SystemExit(4)"])
+    with pytest.raises(RolloutEngineError, match="exited with 4 before it answered"):
+        wait_ready(f"127.0.0.1:{free_port()}", gone, 60)
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(RolloutEngineError, match=r"did not answer at 127\.0\.0\.1:\d+ in 3 s"):
+            wait_ready(f"127.0.0.1:{free_port()}", silent, 3)
+    finally:
+        silent.kill()
+        silent.wait()
+
+
 # ----- a real server -------------------------------------------------------------------------
 
 
@@ -87,7 +122,8 @@ class Server:
     """vLLM's OpenAI-compatible server on the tiny model (seed 0), on the loopback interface."""
 
     def __init__(self, folder: Path) -> None:
-        from hpt_dsl.rollout.server import server_command
+        from hpt_dsl.rollout.server import server_command, wait_ready
+        from hpt_dsl.rollout.vllm import RolloutEngineError
 
         self.model = build_tiny(folder / "tiny", seed=0)
         self.port = free_port()
@@ -98,15 +134,10 @@ class Server:
                "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": str(ROOT)}  # fmt: skip
         self.log = open(folder / "server.log", "w")  # noqa: SIM115 - open for the server's lifetime
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (folder / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://{self.address}/health", timeout=5):
-                    return
-            except OSError:
-                time.sleep(2)
-        raise AssertionError("the vLLM server did not start in 600 s")
+        try:
+            wait_ready(self.address, self.proc, 600)
+        except RolloutEngineError as err:
+            raise AssertionError(f"{err}\n{(folder / 'server.log').read_text()[-3000:]}") from None
 
     def stop(self) -> None:
         import signal

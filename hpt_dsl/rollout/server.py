@@ -33,7 +33,9 @@ import base64
 import http.client
 import json
 import os
+import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -73,6 +75,23 @@ def server_command(checkpoint: str, port: int, host: str = "127.0.0.1", *, pytho
         "vllm", "serve", checkpoint]  # fmt: skip
     return [*head, "--host", host, "--port", str(port), "--worker-extension-cls", EXTENSION,
             "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm"]  # fmt: skip
+
+
+def wait_ready(address: str, proc: subprocess.Popen[Any], timeout_s: float) -> float:
+    """Wait until the server at ``address`` ("host:port"), started as ``proc`` (as
+    ``server_command`` gives it), answers ``/health``; returns the seconds it took.
+    ``RolloutEngineError`` when the process ends first or ``timeout_s`` passes."""
+    started = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RolloutEngineError(f"the vLLM server exited with {proc.returncode} before it answered")
+        try:
+            with urllib.request.urlopen(f"http://{address}/health", timeout=5):
+                return time.monotonic() - started
+        except OSError:
+            if time.monotonic() - started >= timeout_s:
+                raise RolloutEngineError(f"the vLLM server did not answer at {address} in {timeout_s:.0f} s") from None
+            time.sleep(2)
 
 
 class ServerLost(Exception):
