@@ -328,9 +328,10 @@ class Trainer:
 
         rows = rows.to(self.device)
 
-        def scatter(x: torch.Tensor) -> torch.Tensor:
+        def scatter(x: torch.Tensor, at: torch.Tensor = rows) -> torch.Tensor:
+            """The pass's values ``x`` of the rows ``at`` in a zero tensor of the batch's shape."""
             out = torch.zeros_like(batch.response_mask)
-            out[rows, : x.shape[1]] = x.to(out.device)
+            out[at, : x.shape[1]] = x.to(out.device)
             return out
 
         passes: dict[str, Any] = {"old_is_current": old_is_current}
@@ -338,11 +339,8 @@ class Trainer:
             if s.rollout.old_logprobs == "engine" and batch.rollout_logprobs is not None:
                 passes["old_logprobs"] = batch.rollout_logprobs
             elif skip is not None:
-                keep = ~torch.isin(rows, skip.to(rows.device))
-                out = torch.zeros_like(batch.response_mask)
-                lp = self.learner.logprobs(batch.select(rows[keep].cpu()), "policy")
-                out[rows[keep], : lp.shape[1]] = lp.to(out.device)
-                passes["old_logprobs"] = out
+                kept = rows[~torch.isin(rows, skip.to(rows.device))]
+                passes["old_logprobs"] = scatter(self.learner.logprobs(batch.select(kept.cpu()), "policy"), kept)
             else:
                 passes["old_logprobs"] = scatter(self.learner.logprobs(sub, "policy"))
         if needs.ref_model:
