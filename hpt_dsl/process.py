@@ -35,11 +35,7 @@ class StopFlag:
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
-                pass
+        self._old = _install(self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -50,8 +46,24 @@ class StopFlag:
             self.set, self._at = True, now
 
     def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        _restore(self._old)
+
+
+def _install(handler: Any) -> dict[int, Any]:
+    """``handler`` for Ctrl-C (SIGINT) and SIGTERM; the handlers it replaced. Off the main
+    thread, where Python allows no handler, nothing changes (Ctrl-C stays a KeyboardInterrupt)."""
+    old: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:
+            pass
+    return old
+
+
+def _restore(old: dict[int, Any]) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
 
 
 @contextmanager
@@ -67,17 +79,11 @@ def command_signals() -> Iterator[None]:
         if sys.exc_info()[0] is None:  # nothing is stopping the run yet: stop it here
             raise KeyboardInterrupt
 
-    old: dict[int, Any] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[sig] = signal.signal(sig, handle)
-        except ValueError:  # not the main thread: the signals stay as they are
-            pass
+    old = _install(handle)
     try:
         yield
     finally:
-        for sig, was in old.items():
-            signal.signal(sig, was)
+        _restore(old)
 
 
 def cpu_threads(settings: Any) -> int:
