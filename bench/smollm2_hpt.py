@@ -2,6 +2,7 @@
 
     python bench/smollm2_hpt.py                          # recipes/smollm2_hpt.hpt, 3 steps
     python bench/smollm2_hpt.py --steps 5 --threads 2 --eval-questions 16
+    python bench/smollm2_hpt.py --seed 1                 # train.seed (default: the recipe's)
 
 Runs the shipped recipe (SmolLM2-135M-Instruct, GSM8K questions with demonstrations, the
 math-verify reward, the transformers rollout engine) for ``--steps`` steps with its own
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--eval-questions", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--seed", type=int, default=None, help="train.seed (default: the recipe's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,10 +55,11 @@ def main() -> None:
         f"data.max_test={args.eval_questions}",
         f"data.train={ROOT / 'data/train/gsm8k_train.jsonl'}",
         f"data.test={ROOT / 'data/eval/gsm8k.jsonl'}",
-    ]
+    ] + ([f"train.seed={args.seed}"] if args.seed is not None else [])
     with tempfile.TemporaryDirectory() as tmp:
         recipe = ROOT / "recipes" / "smollm2_hpt.hpt"
         result = run_recipe(recipe, overrides=overrides, output=Path(tmp) / "run", quiet=True)
+        seed = json.loads((result.run_dir / "run.json").read_text())["seed"]
         lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if r["kind"] == "train"]
     evals = [r for r in lines if r["kind"] == "eval"]
@@ -78,6 +81,7 @@ def main() -> None:
     out = {
         "recipe": "recipes/smollm2_hpt.hpt",
         "steps": args.steps,
+        "seed": seed,
         "eval_questions": args.eval_questions,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
@@ -90,7 +94,7 @@ def main() -> None:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "smollm2_hpt.json").write_text(json.dumps(out, indent=2))
-    print(f"SmolLM2-135M HPT on CPU ({out['threads']} torch threads, load average "
+    print(f"SmolLM2-135M HPT on CPU (seed {seed}, {out['threads']} torch threads, load average "
           f"{load_before[0]:.1f} before, {out['load_average_after'][0]:.1f} after)")
     for k, v in figures.items():
         print(f"  {k:16s} {v:10.2f}")
